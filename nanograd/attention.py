@@ -1,0 +1,96 @@
+"""Causal multi-head self-attention, as the book's model computes it.
+
+Each head h has its own bias-free projections Wq[h], Wk[h], Wv[h] of shape
+(hs, C) and computes softmax(mask(q @ k.T / sqrt(hs))) @ v with dropout on
+the attention weights; the heads' outputs are concatenated.  All heads run
+at once as one batched array of shape (B, NH, T, ...), no loop over heads.
+The projection after the concatenation is a separate linear layer.
+"""
+from typing import NamedTuple
+
+from .backend import get_array_module
+from .dropout import dropout_forward, dropout_backward
+
+
+class AttentionCache(NamedTuple):
+    x: object          # (B, T, C)
+    Wq: object         # (NH, hs, C)
+    Wk: object         # (NH, hs, C)
+    Wv: object         # (NH, hs, C)
+    q: object          # (B, NH, T, hs)
+    k: object          # (B, NH, T, hs)
+    v: object          # (B, NH, T, hs)
+    att: object        # (B, NH, T, T) softmax weights, before dropout
+    dropout: object    # DropoutCache of the attention weights
+
+
+def _heads(x, W):
+    """Project x (B, T, C) with every head's W (NH, hs, C) -> (B, NH, T, hs)."""
+    B, T, C = x.shape
+    NH, hs, _ = W.shape
+    y = x @ W.reshape(NH * hs, C).T  # (B, T, NH*hs)
+    return y.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
+
+
+def _unheads(y):
+    """(B, NH, T, hs) -> (B*T, NH*hs), heads side by side (their concatenation)."""
+    B, NH, T, hs = y.shape
+    return y.transpose(0, 2, 1, 3).reshape(B * T, NH * hs)  # (B*T, NH*hs)
+
+
+def causal_mask(xp, T):
+    """True above the diagonal: position t may not look at positions after t."""
+    return xp.triu(xp.ones((T, T), dtype=bool), k=1)  # (T, T)
+
+
+def attention_forward(x, Wq, Wk, Wv, dropout_p=0.0, rng=None, train=True):
+    """x (B, T, C), Wq/Wk/Wv (NH, hs, C) -> out (B, T, NH*hs).
+
+    Cache: x, the weights, q, k, v, the softmax weights att, the dropout mask.
+    """
+    xp = get_array_module(x)
+    B, T, C = x.shape
+    NH, hs, _ = Wq.shape
+    q, k, v = _heads(x, Wq), _heads(x, Wk), _heads(x, Wv)  # (B, NH, T, hs) each
+    preatt = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / hs ** 0.5)  # (B, NH, T, T)
+    preatt = xp.where(causal_mask(xp, T), -xp.inf, preatt)  # (B, NH, T, T) the future gets exp(-inf) = 0
+    preatt -= preatt.max(axis=-1, keepdims=True)  # the diagonal is always finite
+    att = xp.exp(preatt)  # (B, NH, T, T)
+    att /= att.sum(axis=-1, keepdims=True)  # softmax over the keys
+    att_drop, dropout_cache = dropout_forward(att, dropout_p, rng, train)  # (B, NH, T, T)
+    y = att_drop @ v  # (B, NH, T, hs)
+    out = _unheads(y).reshape(B, T, NH * hs)  # (B, T, NH*hs)
+    return out, AttentionCache(x, Wq, Wk, Wv, q, k, v, att, dropout_cache)
+
+
+def attention_backward(dout, cache):
+    """Gradients (dx, dWq, dWk, dWv), walking the forward in reverse.
+
+    y = att_drop @ v         ->  datt_drop = dy @ v.T,  dv = att_drop.T @ dy
+    att_drop = dropout(att)  ->  datt = datt_drop * keep
+    att = softmax(preatt)    ->  dpreatt = att * (datt - sum_j(datt * att))
+                                 (masked entries have att = 0, so get 0)
+    preatt = q @ k.T * s     ->  dq = dpreatt @ k * s,  dk = dpreatt.T @ q * s
+    q = x @ Wq[h].T per head ->  dWq = dq.T @ x,  and likewise for k and v;
+                                 x feeds all three, so dx sums dq @ Wq + dk @ Wk + dv @ Wv.
+    """
+    x, Wq, Wk, Wv, q, k, v, att, dropout_cache = cache
+    B, T, C = x.shape
+    NH, hs, _ = Wq.shape
+    scale = 1.0 / hs ** 0.5
+    dy = dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
+    att_drop = att if dropout_cache.keep is None else att * dropout_cache.keep  # (B, NH, T, T)
+    datt_drop = dy @ v.transpose(0, 1, 3, 2)  # (B, NH, T, T)
+    dv = att_drop.transpose(0, 1, 3, 2) @ dy  # (B, NH, T, hs)
+    datt = dropout_backward(datt_drop, dropout_cache)  # (B, NH, T, T)
+    dpreatt = att * (datt - (datt * att).sum(axis=-1, keepdims=True))  # (B, NH, T, T)
+    dq = (dpreatt @ k) * scale  # (B, NH, T, hs)
+    dk = (dpreatt.transpose(0, 1, 3, 2) @ q) * scale  # (B, NH, T, hs)
+    x2 = x.reshape(B * T, C)  # (B*T, C)
+    dx = 0
+    dW = []
+    for dz, W in ((dq, Wq), (dk, Wk), (dv, Wv)):
+        dz2 = _unheads(dz)  # (B*T, NH*hs)
+        dW.append((dz2.T @ x2).reshape(NH, hs, C))  # (NH, hs, C)
+        dx = dx + dz2 @ W.reshape(NH * hs, C)  # (B*T, C)
+    return (dx.reshape(B, T, C), *dW)
