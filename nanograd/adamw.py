@@ -47,10 +47,11 @@ class AdamW:
                 "m": dict(self.m), "v": dict(self.v)}
 
     def load_state_dict(self, state):
-        """Restore from state_dict(); m and v are copied into the existing arrays."""
+        """Restore from state_dict(); m and v (host or device arrays) are copied into place."""
         self.lr, self.eps, self.weight_decay = state["lr"], state["eps"], state["weight_decay"]
         self.betas = tuple(state["betas"])
         self.t = int(state["t"])
-        for name in self.params:
-            self.m[name][...] = state["m"][name]
-            self.v[name][...] = state["v"][name]
+        for name, p in self.params.items():
+            xp = get_array_module(p)
+            self.m[name][...] = xp.asarray(state["m"][name])
+            self.v[name][...] = xp.asarray(state["v"][name])

@@ -75,6 +75,13 @@ def synchronize(xp):
         xp.cuda.get_current_stream().synchronize()
 
 
-def make_rng(xp, seed):
-    """A seeded random generator living on xp's device."""
-    return xp.random.default_rng(seed)
+def make_rng(xp, *seed):
+    """A random generator on xp's device, seeded by one or more ints.
+
+    Several ints, e.g. (seed, stream, step), are mixed by NumPy's
+    SeedSequence, so every (run, purpose, step) gets its own stream and a
+    resumed run draws exactly what an uninterrupted one would have.
+    """
+    if xp is np:
+        return np.random.default_rng(list(seed))
+    return xp.random.default_rng(int(np.random.SeedSequence(list(seed)).generate_state(1, np.uint64)[0]))

@@ -1,0 +1,106 @@
+"""Continue a prompt with a trained model (the book's ch.20 inference.py).
+
+    python inference.py --prompt "The module"
+    python inference.py --ckpt model/model.ckpt --temperature 0.8 --top-k 50 --seed 7
+"""
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from nanograd.backend import BackendError, get_backend
+from transformer.errors import UserError
+from transformer.state import build_model, load_state
+from transformer.tokenizer import get_tokenizer
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gets one line on stderr (and exit 2), not the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def parse_args(argv):
+    parser = OneLineParser(prog="inference.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", default="model/model.ckpt", help="checkpoint written by train.py")
+    parser.add_argument("--prompt", default="The ", help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.5, help="0 picks the most likely token")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="sample among the most likely tokens whose probabilities add up to p")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="> 1 makes tokens already in the text less likely (CTRL's rule)")
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    parser.add_argument("--no-kv-cache", action="store_true", help="recompute every position each step")
+    return parser.parse_args(argv)
+
+
+def check_args(args):
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be 0 or more, got {args.max_new_tokens}.")
+    if not args.temperature >= 0:
+        raise UserError(f"--temperature must be 0 or more, got {args.temperature}.")
+    if args.top_k is not None and args.top_k <= 0:
+        raise UserError(f"--top-k must be a positive integer, got {args.top_k}.")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must lie in (0, 1], got {args.top_p}.")
+    if not args.repetition_penalty > 0:
+        raise UserError(f"--repetition-penalty must be greater than 0, got {args.repetition_penalty}.")
+
+
+def encode_prompt(prompt, tokenizer, vocab, vocab_size):
+    """The prompt's ids in the model's numbering; UserError if a token lies outside the vocabulary."""
+    ids = np.asarray(tokenizer.encode_ordinary(prompt), dtype=np.int64)
+    if len(ids) == 0:
+        raise UserError("--prompt is empty; give at least one character of text.")
+    if vocab is not None:  # a --compact-vocab model knows only the ids of its corpus
+        pos = np.searchsorted(vocab, ids).clip(max=len(vocab) - 1)
+        unknown = ids[vocab[pos] != ids]
+        ids = pos
+    else:
+        unknown = ids[ids >= vocab_size]
+    if len(unknown):
+        pieces = ", ".join(repr(tokenizer.decode([int(i)])) for i in unknown[:3])
+        raise UserError(f"the prompt has {len(unknown)} token(s) the model never saw in training "
+                        f"(e.g. {pieces}); rephrase the prompt")
+    return ids
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        get_backend(args.backend)
+        tensors, meta = load_state(args.ckpt)
+        model = build_model(tensors, meta, backend=args.backend).eval()
+        vocab = tensors.get("vocab")
+        tokenizer = get_tokenizer()
+        ids = encode_prompt(args.prompt, tokenizer, vocab, meta["h_params"]["max_token_value"])
+    except (UserError, BackendError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    t0 = time.perf_counter()
+    out = model.generate(ids[None], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                         rng=np.random.default_rng(args.seed), kv_cache=not args.no_kv_cache)[0]
+    seconds = time.perf_counter() - t0
+    if vocab is not None:
+        out = vocab[out]  # back to cl100k_base ids
+    print("---------------")
+    print(tokenizer.decode(out.tolist()))
+    print("---------------")
+    print(f"Generated {args.max_new_tokens} tokens in {seconds:.2f} s "
+          f"({args.max_new_tokens / max(seconds, 1e-9):,.1f} tokens/s)")
+    print(f"Model parameters: {model.num_params():,}")
+    for name, p in model.params.items():
+        print(f"  {name}: {tuple(p.shape)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

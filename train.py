@@ -1,0 +1,310 @@
+"""Train the book's Transformer (ch.19 train.py), every gradient computed by hand.
+
+    python train.py                                  # built-in corpus, the book's settings
+    python train.py --data my.txt --backend cupy     # your text, on an NVIDIA GPU
+    python train.py --resume model/model.ckpt        # continue an interrupted run
+
+Reads top to bottom like the book's: settings, data, model, optimizer,
+the loop (evaluate, batch, forward, backward, step), save.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+from nanograd import AdamW
+from nanograd.backend import BackendError, get_backend, make_rng
+from nanograd.clip import clip_grad_norm, grad_norm
+from transformer import Model
+from transformer.data import check_splits, default_corpus, get_batch, read_text, split, tokenize
+from transformer.errors import UserError
+from transformer.schedule import learning_rate
+from transformer.state import load_state, restore_optimizer, save_state
+from transformer.tokenizer import get_tokenizer
+
+# The book's h_params (ch.19), each with a flag of the same name.
+BOOK_H_PARAMS = {
+    "d_model": 80, "num_blocks": 6, "num_heads": 4,
+    "batch_size": 2, "context_length": 128, "max_iters": 500, "learning_rate": 1e-3,
+    "dropout": 0.1, "eval_interval": 50, "eval_iters": 10, "seed": 1337,
+}
+# The rest of the run's settings and their defaults.
+RUN_DEFAULTS = {
+    "dtype": "float32", "data": None, "save_interval": None,  # None: every eval_interval
+    "lr_schedule": "constant", "warmup_iters": 0, "min_lr": 0.0,
+    "grad_clip": 0.0, "grad_accum_steps": 1, "eval_full": False, "compact_vocab": False,
+}
+ARCHITECTURE = ("d_model", "num_blocks", "num_heads", "context_length", "dropout")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gets one line on stderr (and exit 2), not the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def parse_args(argv):
+    parser = OneLineParser(prog="train.py", description=__doc__.split("\n\n")[0])
+    for key, value in BOOK_H_PARAMS.items():  # default None: "not given", so --resume can tell
+        parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=None,
+                            help=f"the book's default: {value}")
+    parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default=None, help="default float32")
+    parser.add_argument("--data", default=None, help="UTF-8 text file (default: the built-in corpus)")
+    parser.add_argument("--out", default=None, help="checkpoint path (default model/model.ckpt, or --resume's)")
+    parser.add_argument("--resume", default=None, metavar="CKPT", help="continue the run saved in CKPT")
+    parser.add_argument("--save-interval", type=int, default=None,
+                        help="save every N steps (default: at every evaluation; 0: only at the end)")
+    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None)
+    parser.add_argument("--warmup-iters", type=int, default=None, help="linear warm-up steps (default 0)")
+    parser.add_argument("--min-lr", type=float, default=None, help="cosine's final rate (default 0)")
+    parser.add_argument("--grad-clip", type=float, default=None, help="clip the global gradient norm (0: off)")
+    parser.add_argument("--grad-accum-steps", type=int, default=None, help="micro-batches per step (default 1)")
+    parser.add_argument("--eval-full", action="store_true", default=None,
+                        help="also compute the exact loss over the whole validation split")
+    parser.add_argument("--compact-vocab", action="store_true", default=None,
+                        help="renumber the corpus's token ids densely (a much smaller output layer)")
+    parser.add_argument("--wandb", nargs="?", const="LLMZhang_lesson_2", default=None, metavar="PROJECT",
+                        help="log to Weights & Biases (WANDB_MODE=offline works without an account)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def resolve_settings(args, saved):
+    """Flags given now win, then the resumed run's settings, then the defaults."""
+    settings = {}
+    for key, default in {**BOOK_H_PARAMS, **RUN_DEFAULTS}.items():
+        given = getattr(args, key)
+        settings[key] = given if given is not None else saved.get(key, default)
+    if args.resume:
+        for key in ARCHITECTURE + ("compact_vocab", "dtype"):
+            if getattr(args, key) is not None and getattr(args, key) != saved.get(key):
+                raise UserError(f"--{key.replace('_', '-')} differs from the checkpoint's "
+                                f"({saved.get(key)!r}); a resumed run keeps its model")
+    if settings["save_interval"] is None:
+        settings["save_interval"] = settings["eval_interval"]
+    return settings
+
+
+def check_settings(s):
+    """UserError naming the first setting that cannot work."""
+    for key in ("d_model", "num_blocks", "num_heads", "batch_size", "context_length", "max_iters",
+                "eval_interval", "eval_iters", "grad_accum_steps"):
+        if s[key] <= 0:
+            raise UserError(f"--{key.replace('_', '-')} must be a positive integer, got {s[key]}.")
+    for key in ("save_interval", "warmup_iters"):
+        if s[key] < 0:
+            raise UserError(f"--{key.replace('_', '-')} must be 0 or more, got {s[key]}.")
+    if s["d_model"] % s["num_heads"]:
+        raise UserError(f"--d-model ({s['d_model']}) must be divisible by --num-heads ({s['num_heads']}).")
+    if not 0.0 <= s["dropout"] < 1.0:
+        raise UserError(f"--dropout must lie in [0, 1), got {s['dropout']}.")
+    if not s["learning_rate"] > 0:
+        raise UserError(f"--learning-rate must be greater than 0, got {s['learning_rate']}.")
+    if not 0 <= s["min_lr"] <= s["learning_rate"]:
+        raise UserError(f"--min-lr must lie in [0, --learning-rate], got {s['min_lr']}.")
+    if not s["grad_clip"] >= 0:
+        raise UserError(f"--grad-clip must be 0 (off) or positive, got {s['grad_clip']}.")
+
+
+def describe_backend(xp):
+    if xp is np:
+        return f"Backend: numpy {np.__version__} on the CPU ({os.cpu_count()} cores)"
+    props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    return f"Backend: cupy {xp.__version__} on {name} (CUDA runtime {xp.cuda.runtime.runtimeGetVersion()})"
+
+
+def full_loss(model, data, context_length, batch_size):
+    """Mean loss over every token of data in order: consecutive windows, the last one shorter."""
+    starts = list(range(0, len(data) - 1, context_length))
+    total, count = 0.0, 0
+    for s in starts:
+        T = min(context_length, len(data) - 1 - s)
+        x = data[s:s + T][None]  # (1, T)
+        y = data[s + 1:s + T + 1][None]  # (1, T)
+        total += model(x, y)[1] * T
+        count += T
+    return total / count
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except (UserError, BackendError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def train(args):
+    xp = get_backend(args.backend)
+    print(describe_backend(xp), flush=True)
+
+    # ---- settings: flags, else the resumed run's, else the book's ---------------------------
+    saved_tensors, saved_meta = load_state(args.resume) if args.resume else (None, {})
+    s = resolve_settings(args, saved_meta.get("run", {}))
+    check_settings(s)
+    out = args.out or args.resume or os.path.join("model", "model.ckpt")
+
+    # ---- data: read, tokenize with cl100k_base, split 90/10 ---------------------------------
+    text = read_text(s["data"]) if s["data"] else default_corpus()
+    ids = tokenize(text, get_tokenizer())
+    vocab = np.unique(ids) if s["compact_vocab"] else None  # (V,) the ids that occur, sorted
+    if vocab is not None:
+        ids = np.searchsorted(vocab, ids)  # dense ids 0 .. V-1
+    data_sha = hashlib.sha256(ids.tobytes()).hexdigest()
+    if args.resume and saved_meta["run"].get("data_sha256") != data_sha:
+        raise UserError(f"the data differs from the data {args.resume} was trained on; "
+                        "resume with the same --data")
+    train_data, val_data = split(ids)
+    check_splits(train_data, val_data, s["context_length"])
+    print(f"Total: {len(ids):,} tokens ({len(train_data):,} train, {len(val_data):,} validation)")
+
+    # ---- model and optimizer ----------------------------------------------------------------
+    h_params = {key: s[key] for key in BOOK_H_PARAMS}
+    h_params["max_token_value"] = len(vocab) if vocab is not None else int(ids.max()) + 1
+    if args.resume:
+        h_params["max_token_value"] = saved_meta["h_params"]["max_token_value"]
+    model = Model(h_params, backend=args.backend, dtype=s["dtype"], seed=s["seed"])
+    optimizer = AdamW(model.params, lr=s["learning_rate"])
+    start = 0
+    if args.resume:
+        for name, p in model.params.items():
+            p[...] = xp.asarray(saved_tensors[f"params/{name}"], dtype=p.dtype)
+        restore_optimizer(optimizer, saved_tensors, saved_meta, args.resume)
+        start = saved_meta["step"]
+        print(f"Resuming {args.resume} at step {start}")
+    print(f"Model: {model.num_params():,} parameters, vocabulary {h_params['max_token_value']:,}, "
+          f"{s['dtype']}")
+    run = {**s, "data_sha256": data_sha}
+    B, T, seed = s["batch_size"], s["context_length"], s["seed"]
+
+    def save(step):
+        save_state(out, model, optimizer, step, run, vocab)
+
+    def estimate_loss(step):
+        """The book's estimate: mean loss of eval_iters random batches per split, dropout off."""
+        model.eval()
+        losses = {}
+        for stream, (name, data) in enumerate((("train", train_data), ("valid", val_data))):
+            rng = np.random.default_rng([seed, 2 + stream, step])
+            losses[name] = float(np.mean([model(*get_batch(data, B, T, rng))[1]
+                                          for _ in range(s["eval_iters"])]))
+        if s["eval_full"]:
+            losses["valid_full"] = full_loss(model, val_data, T, B)
+        model.train()
+        return losses
+
+    # ---- logging: the book's lines, a progress bar on a terminal, metrics JSONL, wandb ------
+    metrics_path = os.path.splitext(out)[0] + ".metrics.jsonl"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    metrics = open(metrics_path, "a" if args.resume else "w", encoding="utf-8")
+    wandb_run = start_wandb(args.wandb, h_params, s) if args.wandb else None
+    bar = progress_bar(start, s["max_iters"], enabled=not args.no_progress)
+    say = bar.write if bar is not None else print
+
+    interrupted = []
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    t0 = time.perf_counter()
+    try:
+        for step in range(start, s["max_iters"]):
+            if step % s["eval_interval"] == 0 or step == s["max_iters"] - 1:
+                losses = estimate_loss(step)
+                line = (f"Step: {step}, Training Loss: {losses['train']:.3f}, "
+                        f"Validation Loss: {losses['valid']:.3f}")
+                if "valid_full" in losses:
+                    line += f", Full Validation Loss: {losses['valid_full']:.3f}"
+                say(line)
+                record = {"step": step, "lr": optimizer.lr, "time_s": round(time.perf_counter() - t0, 3),
+                          **{f"{k}_loss": v for k, v in losses.items()}}
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                if wandb_run is not None:
+                    wandb_run.log({f"{k}_loss": v for k, v in losses.items()}, step=step)
+
+            optimizer.lr = learning_rate(step, s["learning_rate"], s["lr_schedule"], s["warmup_iters"],
+                                         s["max_iters"], s["min_lr"])
+            grads, loss = None, 0.0
+            for micro in range(s["grad_accum_steps"]):
+                xb, yb = get_batch(train_data, B, T, np.random.default_rng([seed, 0, step, micro]))
+                model.rng = make_rng(xp, seed, 1, step, micro)
+                loss += model(xb, yb)[1] / s["grad_accum_steps"]
+                micro_grads = model.backward()
+                if grads is None:
+                    grads = micro_grads
+                else:
+                    for name, g in micro_grads.items():
+                        grads[name] += g
+            if s["grad_accum_steps"] > 1:
+                for g in grads.values():
+                    g *= 1.0 / s["grad_accum_steps"]  # the mean over micro-batches = one big batch
+
+            norm = clip_grad_norm(grads, s["grad_clip"]) if s["grad_clip"] else grad_norm(grads)
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                bad = next((n for n, g in grads.items() if not bool(xp.isfinite(g).all())), None)
+                what = f"the gradient of {bad}" if bad else f"the loss ({loss})"
+                kept = f"the last good checkpoint {out} is kept" if os.path.exists(out) else "nothing was saved"
+                print(f"error: at step {step} {what} is not finite; stopping ({kept}). "
+                      "Try a lower --learning-rate or --grad-clip 1.0.", file=sys.stderr)
+                return 3
+            optimizer.step(grads)
+            if bar is not None:
+                bar.update(1)
+                tokens = (step + 1 - start) * B * T * s["grad_accum_steps"]
+                bar.set_postfix(loss=f"{loss:.3f}", tokens_per_s=f"{tokens / (time.perf_counter() - t0):,.0f}",
+                                refresh=False)
+
+            done = step + 1
+            if interrupted:
+                save(done)
+                say(f"Interrupted after step {done}; checkpoint saved to {out}. "
+                    f"Resume with: python train.py --resume {out}")
+                return 130
+            if s["save_interval"] and done % s["save_interval"] == 0 and done < s["max_iters"]:
+                save(done)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        metrics.close()
+        if bar is not None:
+            bar.close()
+        if wandb_run is not None:
+            wandb_run.finish()
+
+    save(s["max_iters"])
+    seconds = time.perf_counter() - t0
+    steps = max(s["max_iters"] - start, 1)
+    print(f"Training complete in {seconds:.1f} s ({1000 * seconds / steps:.0f} ms/step, "
+          f"{steps * B * T * s['grad_accum_steps'] / seconds:,.0f} tokens/s). Model saved to {out}")
+    return 0
+
+
+def progress_bar(start, total, enabled):
+    """A tqdm bar when stdout is a terminal (and tqdm is installed), else None."""
+    if not (enabled and sys.stdout.isatty()):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+
+def start_wandb(project, h_params, settings):
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb needs the wandb package: pip install wandb "
+                        "(set WANDB_MODE=offline to log without an account)") from None
+    return wandb.init(project=project, config={**settings, **h_params})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""What a checkpoint of this project holds, on top of transformer/checkpoint.py's file format.
+
+    tensors  params/<name>       every model parameter, keyed like the book's state_dict()
+             adamw/m/<name>      AdamW's first moments   (training checkpoints only)
+             adamw/v/<name>      AdamW's second moments  (training checkpoints only)
+             vocab               original token ids of a --compact-vocab model (optional)
+    meta     format, h_params (the book's dict), dtype, step (optimizer steps done),
+             adamw (hyperparameters and t), run (seed and settings of the run)
+
+The random state needs no bytes of its own: every draw of step s comes from
+a generator seeded by (seed, purpose, s), so (seed, step) restores it.
+"""
+import numpy as np
+
+from nanograd.backend import to_host
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .errors import CheckpointError, UserError
+from .model import Model, parameter_shapes, validate_h_params
+
+FORMAT = "nanograd-transformer"
+
+
+def save_state(path, model, optimizer=None, step=0, run=None, vocab=None):
+    """Write the model (and the optimizer, for resuming) to path, atomically."""
+    tensors = {f"params/{name}": to_host(p) for name, p in model.params.items()}
+    adamw = None
+    if optimizer is not None:
+        for name in model.params:
+            tensors[f"adamw/m/{name}"] = to_host(optimizer.m[name])
+            tensors[f"adamw/v/{name}"] = to_host(optimizer.v[name])
+        state = optimizer.state_dict()
+        adamw = {key: state[key] for key in ("lr", "betas", "eps", "weight_decay", "t")}
+    if vocab is not None:
+        tensors["vocab"] = np.asarray(vocab, dtype=np.int64)
+    meta = {"format": FORMAT, "h_params": model.h_params, "dtype": model.dtype.name,
+            "step": int(step), "adamw": adamw, "run": run or {}}
+    save_checkpoint(path, tensors, meta)
+
+
+def load_state(path):
+    """(tensors, meta) of a checkpoint of this project, checked to describe a whole model."""
+    tensors, meta = load_checkpoint(path)
+    if meta.get("format") != FORMAT or not isinstance(meta.get("h_params"), dict):
+        raise CheckpointError(f"{path} is a checkpoint file but not of a {FORMAT} model")
+    try:
+        validate_h_params(meta["h_params"])
+    except UserError as e:
+        raise CheckpointError(f"checkpoint {path} holds unusable h_params: {e}") from e
+    for name, shape in parameter_shapes(meta["h_params"]).items():
+        stored = tensors.get(f"params/{name}")
+        if stored is None or stored.shape != tuple(shape):
+            raise CheckpointError(f"checkpoint {path} lacks parameter {name} of shape {tuple(shape)}; "
+                                  "it does not match its own h_params")
+    return tensors, meta
+
+
+def build_model(tensors, meta, backend="numpy", dtype=None):
+    """A Model with the checkpoint's h_params and weights (in dtype, default the saved one)."""
+    model = Model(meta["h_params"], backend=backend, dtype=dtype or meta.get("dtype", "float32"))
+    for name, p in model.params.items():
+        p[...] = model.xp.asarray(tensors[f"params/{name}"], dtype=p.dtype)
+    return model
+
+
+def restore_optimizer(optimizer, tensors, meta, path):
+    """Load AdamW's moments and step count saved by save_state into optimizer."""
+    if not meta.get("adamw") or any(f"adamw/m/{name}" not in tensors for name in optimizer.params):
+        raise CheckpointError(f"checkpoint {path} has no optimizer state, so it cannot resume a run; "
+                              "it can still be used by inference.py")
+    state = dict(meta["adamw"],
+                 m={name: tensors[f"adamw/m/{name}"] for name in optimizer.params},
+                 v={name: tensors[f"adamw/v/{name}"] for name in optimizer.params})
+    optimizer.load_state_dict(state)
