@@ -1,0 +1,98 @@
+"""The packaged cl100k_base tokenizer: offline, hash-checked, identical to tiktoken's own."""
+
+import gzip
+import hashlib
+import socket
+
+import pytest
+import tiktoken
+import tiktoken.registry
+
+from transformer import tokenizer
+from transformer.errors import UserError
+
+URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+TEXTS = [
+    "Hello, world! The quick brown fox jumps over the lazy dog.",
+    "def f(x):\n    return x ** 2  # square\n\n\tif x != None: pass\r\n",
+    "变换器架构是一种神经网络。日本語のテキストも。",
+    "emoji 🤖🎉👩‍👩‍👧 and accents: café naïve Ærøskøbing",
+    "spaces    and\n\n\n\nnewlines   \t\t  \n  ",
+    "numbers 1234567890 3.14159 -42 1e-8, contractions: I'm, you'LL, they've",
+    "literal <|endoftext|> text",
+    "",
+]
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Make any attempt to open a connection fail loudly."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the tokenizer tried to use the network")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture
+def official(tmp_path, monkeypatch, no_network):
+    """tiktoken's own cl100k_base, loaded offline from a cache we fill with our file."""
+    with gzip.open(tokenizer.VOCAB_FILE, "rb") as f:
+        (tmp_path / hashlib.sha1(URL.encode()).hexdigest()).write_bytes(f.read())
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delitem(tiktoken.registry.ENCODINGS, "cl100k_base", raising=False)
+    return tiktoken.get_encoding("cl100k_base")
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """Clear the get_tokenizer cache before and after the test."""
+    tokenizer.get_tokenizer.cache_clear()
+    yield
+    tokenizer.get_tokenizer.cache_clear()
+
+
+def test_packaged_file_has_official_hash():
+    with gzip.open(tokenizer.VOCAB_FILE, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == tokenizer.VOCAB_SHA256
+
+
+def test_builds_without_network(fresh, no_network):
+    enc = tokenizer.get_tokenizer()
+    assert enc.name == "cl100k_base"
+    assert enc.n_vocab == 100277
+    assert tokenizer.get_tokenizer() is enc  # cached
+
+
+def test_matches_official_encoding(official):
+    ours = tokenizer.get_tokenizer()
+    assert ours._pat_str == official._pat_str
+    assert ours._special_tokens == official._special_tokens
+    assert ours._mergeable_ranks == official._mergeable_ranks
+    for text in TEXTS:
+        ids = ours.encode(text, disallowed_special=())
+        assert ids == official.encode(text, disallowed_special=()), text
+        assert ours.decode(ids) == text
+    assert ours.encode("<|endoftext|>", allowed_special="all") == [100257]
+
+
+def test_corrupt_file_is_user_error(fresh, tmp_path, monkeypatch):
+    with gzip.open(tokenizer.VOCAB_FILE, "rb") as f:
+        raw = bytearray(f.read())
+    raw[1000] ^= 1  # one flipped bit in a valid gzip stream: only the hash can tell
+    bad = tmp_path / "bad.tiktoken.gz"
+    bad.write_bytes(gzip.compress(bytes(raw)))
+    monkeypatch.setattr(tokenizer, "VOCAB_FILE", str(bad))
+    with pytest.raises(UserError, match="corrupt.*reinstall"):
+        tokenizer.get_tokenizer()
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "not gzip", "truncated gzip"])
+def test_unreadable_file_is_user_error(fresh, tmp_path, monkeypatch, kind):
+    bad = tmp_path / "bad.tiktoken.gz"
+    contents = {"empty": b"", "not gzip": b"not gzip at all",
+                "truncated gzip": open(tokenizer.VOCAB_FILE, "rb").read()[:5000]}
+    if kind in contents:
+        bad.write_bytes(contents[kind])
+    monkeypatch.setattr(tokenizer, "VOCAB_FILE", str(bad))
+    with pytest.raises(UserError, match="reinstall"):
+        tokenizer.get_tokenizer()
