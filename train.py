@@ -238,8 +238,9 @@ def train(args):
                 model.rng = make_rng(xp, seed, 1, step, micro)
                 loss += model(xb, yb)[1] / s["grad_accum_steps"]
                 micro_grads = model.backward()
-                if grads is None:
-                    grads = micro_grads
+                if grads is None:  # a copy: the next backward() reuses its arrays
+                    grads = micro_grads if s["grad_accum_steps"] == 1 else {
+                        name: g.copy() for name, g in micro_grads.items()}
                 else:
                     for name, g in micro_grads.items():
                         grads[name] += g

@@ -1,50 +1,103 @@
 """AdamW, written out, with exactly torch.optim.AdamW's semantics and defaults."""
+import numpy as np
+
 from .backend import get_array_module
+
+BLOCK = 1 << 15  # elements per block of the CPU path: p, m, v, g and scratch stay in L2 cache
+
+
+def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
+    """One AdamW step of one parameter, in place; the textbook form (and the reference).
+
+        p *= 1 - lr * weight_decay                  decoupled decay
+        m  = beta1 * m + (1 - beta1) * g            first moment (momentum)
+        v  = beta2 * v + (1 - beta2) * g * g        second moment
+        p -= lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
+
+    in torch's order of operations, so float64 results agree to rounding.
+    """
+    xp = get_array_module(p)
+    p *= 1 - lr * weight_decay
+    m += (1 - beta1) * (g - m)  # = beta1 * m + (1 - beta1) * g, as torch's lerp
+    v *= beta2
+    v += (1 - beta2) * g * g
+    denom = xp.sqrt(v) / (1 - beta2 ** t) ** 0.5 + eps
+    p -= lr / (1 - beta1 ** t) * (m / denom)
+
+
+def adamw_update_blocked(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t, scratch):
+    """adamw_update on NumPy arrays, block by block, with no temporaries.
+
+    The same operations in the same order, but each block of BLOCK
+    elements goes through all of them while it sits in cache, so memory
+    is read and written about once instead of once per operation.
+    p, m, v must be contiguous; scratch is a float buffer of >= BLOCK elements.
+    """
+    p, g, m, v = p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1)  # views
+    decay, step_size = 1 - lr * weight_decay, lr / (1 - beta1 ** t)
+    bias_correction2_sqrt = (1 - beta2 ** t) ** 0.5
+    for start in range(0, p.size, BLOCK):
+        b = slice(start, start + BLOCK)
+        pb, gb, mb, vb = p[b], g[b], m[b], v[b]
+        tmp = scratch[: pb.size]
+        pb *= decay
+        np.subtract(gb, mb, out=tmp)
+        tmp *= 1 - beta1
+        mb += tmp
+        vb *= beta2
+        np.multiply(gb, 1 - beta2, out=tmp)
+        tmp *= gb
+        vb += tmp
+        np.sqrt(vb, out=tmp)
+        tmp /= bias_correction2_sqrt
+        tmp += eps
+        np.divide(mb, tmp, out=tmp)
+        tmp *= step_size
+        pb -= tmp
 
 
 class AdamW:
     """opt = AdamW(params, lr=1e-3); opt.step(grads).
 
-    params and grads are dicts name -> array; parameters are updated in place.
-    For every parameter p with gradient g, at step t = 1, 2, ...:
-
-        p  *= 1 - lr * weight_decay              decoupled decay, on every parameter
-        m   = beta1 * m + (1 - beta1) * g        first moment (momentum)
-        v   = beta2 * v + (1 - beta2) * g * g    second moment
-        p  -= lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
-
-    which is torch's order of operations, so float64 results agree to rounding.
-    State (m, v per parameter name, and t) round-trips through state_dict().
+    params and grads are dicts name -> array; parameters are updated in
+    place by adamw_update (see there for the formulas), on NumPy by its
+    cache-blocked twin.  Defaults are torch's: betas (0.9, 0.999), eps 1e-8,
+    weight_decay 0.01 applied to every parameter.  State (m, v per parameter
+    name, and the step count t from 1) round-trips through state_dict().
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        for name, p in params.items():
+            if not p.flags.c_contiguous:
+                raise ValueError(f"parameter {name} must be C-contiguous to be updated in place")
         self.params = params
-        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         self.t = 0
         self.m = {name: get_array_module(p).zeros_like(p) for name, p in params.items()}
         self.v = {name: get_array_module(p).zeros_like(p) for name, p in params.items()}
+        self.scratch = {dtype: np.empty(BLOCK, dtype) for dtype in (np.float32, np.float64)}
 
     def step(self, grads):
         """One update of every parameter from grads (same names)."""
         self.t += 1
         beta1, beta2 = self.betas
-        step_size = self.lr / (1 - beta1 ** self.t)
-        bias_correction2_sqrt = (1 - beta2 ** self.t) ** 0.5
         for name, p in self.params.items():
-            xp = get_array_module(p)
-            g, m, v = grads[name], self.m[name], self.v[name]
-            p *= 1 - self.lr * self.weight_decay
-            m += (1 - beta1) * (g - m)  # = beta1 * m + (1 - beta1) * g, as torch's lerp
-            v *= beta2
-            v += (1 - beta2) * g * g
-            denom = xp.sqrt(v) / bias_correction2_sqrt + self.eps
-            p -= step_size * (m / denom)
+            args = (p, grads[name], self.m[name], self.v[name], self.lr, beta1, beta2, self.eps,
+                    self.weight_decay, self.t)
+            if isinstance(p, np.ndarray):
+                adamw_update_blocked(*args, scratch=self.scratch[p.dtype.type])
+            else:
+                adamw_update(*args)
 
     def state_dict(self):
-        """Everything needed to resume: hyperparameters, t, and m, v by name."""
+        """Everything needed to resume: hyperparameters, t, and m, v by name.
+
+        A snapshot: m and v are copies, like t, so later steps don't change it.
+        """
         return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps,
                 "weight_decay": self.weight_decay, "t": self.t,
-                "m": dict(self.m), "v": dict(self.v)}
+                "m": {name: m.copy() for name, m in self.m.items()},
+                "v": {name: v.copy() for name, v in self.v.items()}}
 
     def load_state_dict(self, state):
         """Restore from state_dict(); m and v (host or device arrays) are copied into place."""

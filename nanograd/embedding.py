@@ -15,15 +15,20 @@ def embedding_forward(idx, W):
     return out, EmbeddingCache(idx, W.shape)
 
 
-def embedding_backward(dout, cache):
+def embedding_backward(dout, cache, dW_out=None):
     """dW[v] = sum of dout[b, t] over every position where idx[b, t] == v.
 
     A token id that appears twice receives both upstream rows, so the rows
     are scatter-added; `dW[idx] += dout` would keep only one of them.
-    The ids are integers and get no gradient: returns dW alone.
+    The ids are integers and get no gradient: returns dW alone.  dW_out,
+    if given, is a (V, C) array that receives dW (saves allocating it).
     """
     xp = get_array_module(dout)
     V, C = cache.W_shape
-    dW = xp.zeros((V, C), dtype=dout.dtype)  # (V, C)
+    if dW_out is None:
+        dW = xp.zeros((V, C), dtype=dout.dtype)  # (V, C)
+    else:
+        dW = dW_out
+        dW.fill(0)
     scatter_add(dW, cache.idx.reshape(-1), dout.reshape(-1, C))
     return dW

@@ -1,6 +1,8 @@
 """Linear layer y = x @ W.T + b, with W in PyTorch's (out, in) layout."""
 from typing import NamedTuple
 
+from .backend import get_array_module
+
 
 class LinearCache(NamedTuple):
     x: object         # (..., IN)
@@ -16,19 +18,21 @@ def linear_forward(x, W, b=None):
     return out, LinearCache(x, W, b is not None)
 
 
-def linear_backward(dout, cache):
+def linear_backward(dout, cache, dW_out=None):
     """Forward was y = x @ W.T + b, so
 
         dx = dout @ W          (each input feeds every output through W)
         dW = dout.T @ x        (summed over all leading positions)
         db = dout summed over all leading positions
 
-    Returns (dx, dW, db); db is None when there was no bias.
+    Returns (dx, dW, db); db is None when there was no bias.  dW_out, if
+    given, is an (OUT, IN) array that receives dW (saves allocating it).
     """
+    xp = get_array_module(dout)
     x, W, has_bias = cache
     OUT, IN = W.shape
     dout2 = dout.reshape(-1, OUT)  # (N, OUT)
     dx = dout @ W  # (..., IN)
-    dW = dout2.T @ x.reshape(-1, IN)  # (OUT, IN)
+    dW = xp.matmul(dout2.T, x.reshape(-1, IN), out=dW_out)  # (OUT, IN)
     db = dout2.sum(axis=0) if has_bias else None  # (OUT,)
     return dx, dW, db

@@ -15,12 +15,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from nanograd import (attention_backward, attention_forward, cross_entropy_backward,
-                      cross_entropy_forward, dropout_backward, dropout_forward,
+from nanograd import (attention_backward, attention_forward, dropout_backward, dropout_forward,
                       embedding_backward, embedding_forward, layernorm_backward,
                       layernorm_forward, linear_backward, linear_forward, relu_backward,
                       relu_forward)
-from nanograd.backend import get_backend, make_rng, to_host
+from nanograd.backend import get_backend, make_rng
+from nanograd.cross_entropy import cross_entropy_backward_into, cross_entropy_forward_into
 
 from .errors import UserError
 
@@ -132,6 +132,13 @@ class Model:
     all heads at once.
 
     model.rng is the dropout generator; train.py reseeds it every step.
+
+    The three (V, ...) arrays of a step live in buffers kept between steps
+    (the softmax work of the loss, and the gradients of the embedding and
+    of the output layer), since allocating 30-100 MB afresh every step
+    costs more than the arithmetic on them.  So, like PyTorch's .grad, the
+    arrays backward() returns are overwritten by the next backward(): copy
+    them to keep them.
     """
 
     def __init__(self, h_params, backend="numpy", dtype="float32", seed=0):
@@ -162,6 +169,14 @@ class Model:
         self.params = {name: value if ".mha.heads." in name else xp.asarray(value, dtype=self.dtype)
                        for name, value in init.items()}  # the book's order of names
         self.cache = None
+        self.buffers = {}
+
+    def buffer(self, name, shape):
+        """A reusable work array: the same one every call with the same shape."""
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape != tuple(shape):
+            buf = self.buffers[name] = self.xp.empty(shape, dtype=self.dtype)
+        return buf
 
     # ---- modes ------------------------------------------------------------
     def train(self):
@@ -219,7 +234,8 @@ class Model:
         if targets is not None:
             B, T, V = logits.shape
             targets = self.xp.asarray(targets).reshape(B * T)  # (B*T,)
-            loss, loss_cache = cross_entropy_forward(logits.reshape(B * T, V), targets)
+            loss, loss_cache = cross_entropy_forward_into(logits.reshape(B * T, V), targets,
+                                                          self.buffer("dlogits", (B * T, V)))
             loss = float(loss)
         self.cache = ForwardCache(emb_cache, blocks, ln_final, head, loss_cache)
         return logits, loss
@@ -239,10 +255,11 @@ class Model:
             raise RuntimeError("backward() needs a forward with targets first")
         grads = {}
         NB, NH = self.h_params["num_blocks"], self.h_params["num_heads"]
-        dlogits = cross_entropy_backward(1.0, cache.loss)  # (B*T, V)
+        dlogits = cross_entropy_backward_into(1.0, cache.loss)  # (B*T, V)
         B, T, C = cache.head.x.shape
         dx, grads["model_out_linear_layer.weight"], grads["model_out_linear_layer.bias"] = \
-            linear_backward(dlogits.reshape(B, T, -1), cache.head)  # (B, T, C)
+            linear_backward(dlogits.reshape(B, T, -1), cache.head,
+                            dW_out=self.buffer("dW_head", cache.head.W.shape))  # (B, T, C)
         final = f"transformer_blocks.{NB}."
         dx, grads[final + "weight"], grads[final + "bias"] = layernorm_backward(dx, cache.ln_final)
         for i in reversed(range(NB)):
@@ -266,7 +283,8 @@ class Model:
             dh, grads[blk + "ln1.weight"], grads[blk + "ln1.bias"] = layernorm_backward(dh, c.ln1)
             dx += dh
         # x = embedding[idx] + positions: the positions are constant
-        grads["token_embedding_lookup_table.weight"] = embedding_backward(dx, cache.emb)
+        grads["token_embedding_lookup_table.weight"] = embedding_backward(
+            dx, cache.emb, dW_out=self.buffer("dW_embedding", cache.emb.W_shape))
         return {name: grads[name] for name in self.params}
 
     # ---- generation -------------------------------------------------------
