@@ -1,0 +1,269 @@
+"""End-to-end tests of train.py and inference.py on a small generated English-like text,
+as subprocesses (the way a user runs them) and in-process through train.main where faster."""
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from transformer.data import split, tokenize
+from transformer.model import Model, parameter_shapes
+from transformer.state import build_model, load_state
+from transformer.tokenizer import get_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # train.py is a script at the repository root, not part of the installed packages
+    sys.path.insert(0, REPO)
+import train  # noqa: E402
+TINY = ["--d-model", "16", "--num-blocks", "1", "--num-heads", "2", "--context-length", "16",
+        "--batch-size", "4", "--max-iters", "30", "--eval-interval", "10", "--eval-iters", "2",
+        "--learning-rate", "3e-3", "--no-progress"]
+STEP_LINE = re.compile(r"^Step: (\d+), Training Loss: (\d+\.\d{3}), Validation Loss: (\d+\.\d{3})"
+                       r"(?:, Full Validation Loss: (\d+\.\d{3}))?$")
+SEPARATOR = "---------------"
+# float64 losses computed two ways (one windowed pass, or one forward per token) differ only in
+# summation order: rtol 1e-12.  The logged full loss passed through a JSON float (exact) after
+# being averaged over ~600 tokens in another order: 1e-10.  AdamW's first moment after one step,
+# m = 0.1 * g, rounds once more than our gradient: rtol 1e-9, atol 1e-12 of the tensor's scale
+# for entries that are cancelling sums.  A real bug is off by O(1) in each case.
+LOSS_RTOL, LOGGED_RTOL = 1e-12, 1e-10
+MOMENT_RTOL, MOMENT_ATOL_SCALE = 1e-9, 1e-12
+
+
+def english_like(n_sentences=600, seed=0):
+    """~5000 words of simple sentences; every word is one cl100k token with an id below 1000,
+    so the (non-compact) vocabulary stays ~1000 and the runs stay fast."""
+    rng = np.random.default_rng(seed)
+    det = ["the", "his", "their", "your", "one", "any", "this", "that"]
+    noun = ["man", "time", "name", "work", "data", "value", "part", "type", "class", "string"]
+    verb = ["will get", "can set", "has", "was", "will add", "can return", "will work"]
+    prep = ["for", "with", "from", "over", "about", "and"]
+    sentences = []
+    for i in range(n_sentences):
+        words = ["The", rng.choice(noun), rng.choice(verb), rng.choice(det), rng.choice(noun),
+                 rng.choice(prep), rng.choice(det), rng.choice(noun)]
+        sentences.append(" ".join(words) + (".\n" if i % 5 == 4 else ". "))
+    return "".join(sentences)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(english_like(), encoding="utf-8")
+    return path
+
+
+def run_script(script, *args, cwd):
+    result = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)],
+                            cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def step_lines(stdout):
+    """(step, train loss, valid loss, full valid loss or None) of every line in the book's format."""
+    out = []
+    for line in stdout.splitlines():
+        m = STEP_LINE.match(line)
+        if m:
+            out.append((int(m[1]), float(m[2]), float(m[3]), m[4] and float(m[4])))
+    return out
+
+
+def corpus_ids(corpus):
+    return tokenize(corpus.read_text(encoding="utf-8"), get_tokenizer())
+
+
+# ---- one subprocess run, shared by the tests that read its outputs ----------------------------
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    """train.py run from a fresh directory; its stdout and checkpoint path."""
+    cwd = tmp_path_factory.mktemp("run")
+    stdout = run_script("train.py", "--data", corpus, "--out", "ckpt/model.ckpt", *TINY, cwd=cwd)
+    return stdout, cwd / "ckpt" / "model.ckpt"
+
+
+def test_prints_the_books_lines_and_loss_falls(trained, corpus):
+    stdout, _ = trained
+    lines = step_lines(stdout)
+    assert [s for s, *_ in lines] == [0, 10, 20, 29], stdout
+    V = int(corpus_ids(corpus).max()) + 1
+    first, last = lines[0], lines[-1]
+    assert abs(first[1] - math.log(V)) < 0.5 and abs(first[2] - math.log(V)) < 0.5, (first, V)
+    assert last[1] < first[1] - 1.0 and last[2] < first[2] - 1.0, lines
+    assert stdout.splitlines()[0].startswith("Backend: numpy")  # says where it runs, first
+    assert f"vocabulary {V:,}" in stdout
+
+
+def test_checkpoint_loads_with_the_right_h_params(trained, corpus):
+    _, ckpt = trained
+    tensors, meta = load_state(ckpt)
+    expected = dict(d_model=16, num_blocks=1, num_heads=2, context_length=16, batch_size=4,
+                    max_iters=30, learning_rate=3e-3, dropout=0.1, eval_interval=10, eval_iters=2,
+                    seed=1337, max_token_value=int(corpus_ids(corpus).max()) + 1)
+    assert meta["h_params"] == expected
+    assert meta["step"] == 30 and meta["dtype"] == "float32"
+    model = build_model(tensors, meta)
+    assert list(model.params) == list(parameter_shapes(expected))
+    assert "vocab" not in tensors
+    # the trained weights are not the initial ones, and the model still runs
+    fresh = Model(expected, seed=1337)
+    assert all(not np.array_equal(model.params[n], fresh.params[n]) for n in model.params)
+    logits, loss = model.eval()(np.zeros((1, 16), dtype=np.int64), np.zeros((1, 16), dtype=np.int64))
+    assert np.isfinite(logits).all() and np.isfinite(loss)
+
+
+def test_metrics_jsonl_has_one_record_per_evaluation(trained):
+    stdout, ckpt = trained
+    records = [json.loads(line) for line in open(ckpt.with_name("model.metrics.jsonl"), encoding="utf-8")]
+    assert [r["step"] for r in records] == [0, 10, 20, 29]
+    for record, (step, train_loss, valid_loss, _) in zip(records, step_lines(stdout)):
+        assert record["step"] == step
+        assert round(record["train_loss"], 3) == pytest.approx(train_loss, abs=1e-9)
+        assert round(record["valid_loss"], 3) == pytest.approx(valid_loss, abs=1e-9)
+        assert record["lr"] == 3e-3
+
+
+def parse_inference(stdout):
+    """The text between the two separator lines, the parameter count and (name, shape) lines."""
+    lines = stdout.splitlines()
+    marks = [i for i, line in enumerate(lines) if line == SEPARATOR]
+    assert len(marks) == 2, stdout
+    text = "\n".join(lines[marks[0] + 1:marks[1]])
+    count = re.search(r"^Model parameters: ([\d,]+)$", stdout, re.M)
+    assert count, stdout
+    shapes = re.findall(r"^  (\S+): \(([\d, ]*)\)$", stdout, re.M)
+    return text, int(count[1].replace(",", "")), [(n, tuple(int(d) for d in s.split(",") if d.strip()))
+                                                  for n, s in shapes]
+
+
+def test_inference_prints_text_and_every_parameter(trained):
+    _, ckpt = trained
+    stdout = run_script("inference.py", "--ckpt", ckpt, "--prompt", "The man", "--max-new-tokens", 20,
+                        cwd=ckpt.parent)
+    text, count, shapes = parse_inference(stdout)
+    assert text.startswith("The man") and len(text) > len("The man")
+    tensors, meta = load_state(ckpt)
+    expected = [(name, tuple(shape)) for name, shape in parameter_shapes(meta["h_params"]).items()]
+    assert shapes == expected
+    assert count == sum(tensors[f"params/{name}"].size for name, _ in expected)
+
+
+# ---- --compact-vocab: a dense vocabulary, mapped back by inference ----------------------------
+
+def test_compact_vocab_round_trip(corpus, tmp_path):
+    stdout = run_script("train.py", "--data", corpus, "--out", "c.ckpt", "--compact-vocab", *TINY,
+                        "--max-iters", 20, cwd=tmp_path)
+    ids = corpus_ids(corpus)
+    vocab = np.unique(ids)
+    assert [s for s, *_ in step_lines(stdout)] == [0, 10, 19]
+    tensors, meta = load_state(tmp_path / "c.ckpt")
+    np.testing.assert_array_equal(tensors["vocab"], vocab)
+    assert meta["h_params"]["max_token_value"] == len(vocab) < 50
+    assert tensors["params/model_out_linear_layer.weight"].shape == (len(vocab), 16)
+
+    prompt, new, seed = "The class will", 30, 5
+    out = run_script("inference.py", "--ckpt", "c.ckpt", "--prompt", prompt, "--max-new-tokens", new,
+                     "--seed", seed, "--temperature", 1.0, cwd=tmp_path)
+    text, count, _ = parse_inference(out)
+    # The same generation done here by hand: the prompt's cl100k ids renumbered into the dense
+    # vocabulary, sampled, then mapped back to cl100k ids before decoding.
+    tokenizer = get_tokenizer()
+    dense = np.searchsorted(vocab, tokenizer.encode_ordinary(prompt))
+    assert (vocab[dense] == tokenizer.encode_ordinary(prompt)).all()
+    model = build_model(tensors, meta).eval()
+    generated = model.generate(dense[None], new, temperature=1.0, rng=np.random.default_rng(seed))[0]
+    assert text == tokenizer.decode(vocab[generated].tolist())
+    assert text.startswith(prompt)
+    # Unmapped dense ids 0..V-1 would decode to cl100k's punctuation and digits: the text holds only
+    # the corpus's characters.
+    assert set(text) <= set(corpus.read_text(encoding="utf-8")), text
+    assert count == model.num_params()
+
+
+# ---- in-process runs: float64, --eval-full, resuming, gradient accumulation --------------------
+
+def run_main(argv, capsys):
+    assert train.main([str(a) for a in argv]) == 0
+    return capsys.readouterr().out
+
+
+def per_token_mean_loss(model, data, context_length):
+    """The mean loss of every next-token prediction in data, each computed on its own: the target
+    data[j+1] is predicted from data[s..j], s = j rounded down to a multiple of context_length
+    (the windows full_loss cuts), by a separate forward whose last position is j."""
+    losses = []
+    for j in range(len(data) - 1):
+        s = (j // context_length) * context_length
+        logits = model(data[s:j + 1][None])[0][0, -1].astype(np.float64)  # (V,)
+        shifted = logits - logits.max()
+        losses.append(math.log(np.exp(shifted).sum()) - shifted[data[j + 1]])
+    return float(np.mean(losses))
+
+
+@pytest.mark.parametrize("length", [9, 17, 8 * 3 + 1, 8 * 4 + 1 + 5])
+def test_full_loss_is_the_mean_over_every_token(length):
+    h = dict(d_model=8, num_blocks=1, num_heads=2, context_length=8, dropout=0.0, max_token_value=13)
+    model = Model(h, dtype="float64", seed=1).eval()
+    data = np.random.default_rng(length).integers(0, 13, size=length)  # (N,)
+    full = train.full_loss(model, data, 8, batch_size=4)
+    assert full == pytest.approx(per_token_mean_loss(model, data, 8), rel=LOSS_RTOL)
+    if length <= 9:  # one window: one long pass
+        assert full == pytest.approx(model(data[:-1][None], data[1:][None])[1], rel=LOSS_RTOL)
+
+
+def test_float64_eval_full_and_resume(corpus, tmp_path, capsys):
+    """--dtype float64 trains; resuming it with --eval-full evaluates exactly the saved model:
+    the logged full validation loss equals the per-token mean over the validation split."""
+    first = tmp_path / "first.ckpt"
+    common = ["--data", corpus, *TINY, "--dtype", "float64"]
+    out = run_main([*common, "--out", first, "--max-iters", 10], capsys)
+    assert [s for s, *_ in step_lines(out)] == [0, 9]
+    assert "float64" in out
+    tensors, meta = load_state(first)
+    assert meta["dtype"] == "float64" and meta["step"] == 10
+    assert tensors["params/model_out_linear_layer.weight"].dtype == np.float64
+
+    resumed = tmp_path / "resumed.ckpt"
+    shutil.copy(first, resumed)
+    out = run_main(["--resume", resumed, "--max-iters", 11, "--eval-full", "--no-progress"], capsys)
+    lines = step_lines(out)
+    assert [s for s, *_ in lines] == [10]
+    full_printed = lines[0][3]
+    record = [json.loads(line) for line in open(tmp_path / "resumed.metrics.jsonl", encoding="utf-8")][-1]
+    assert record["step"] == 10 and round(record["valid_full_loss"], 3) == pytest.approx(full_printed)
+
+    model = build_model(tensors, meta).eval()  # the model the step-10 evaluation saw
+    val = split(corpus_ids(corpus))[1]
+    expected = per_token_mean_loss(model, val, 16)
+    assert record["valid_full_loss"] == pytest.approx(expected, rel=LOGGED_RTOL)
+    assert load_state(resumed)[1]["step"] == 11
+
+
+def test_grad_accumulation_averages_the_micro_batches(corpus, tmp_path, capsys):
+    """One step of --grad-accum-steps 2 --batch-size 2: AdamW's first moment after step 1 is
+    (1 - beta1) * g, so the checkpoint shows the gradient train.py used; it must be the mean of the
+    two micro-batches' gradients (drawn as train.py documents: rng (seed, 0, step, micro))."""
+    ckpt = tmp_path / "acc.ckpt"
+    out = run_main(["--data", corpus, *TINY, "--batch-size", 2, "--grad-accum-steps", 2, "--dropout", 0,
+                    "--dtype", "float64", "--max-iters", 1, "--out", ckpt], capsys)
+    assert [s for s, *_ in step_lines(out)] == [0]
+    tensors, meta = load_state(ckpt)
+    assert meta["run"]["grad_accum_steps"] == 2
+    model = Model(meta["h_params"], dtype="float64", seed=1337)  # the run's initial weights
+    train_data = split(corpus_ids(corpus))[0]
+    grads = []
+    for micro in range(2):
+        x, y = train.get_batch(train_data, 2, 16, np.random.default_rng([1337, 0, 0, micro]))
+        model(x, y)
+        grads.append({name: g.copy() for name, g in model.backward().items()})  # backward reuses arrays
+    for name in model.params:
+        mean = (grads[0][name] + grads[1][name]) / 2
+        np.testing.assert_allclose(tensors[f"adamw/m/{name}"], 0.1 * mean, rtol=MOMENT_RTOL,
+                                   atol=MOMENT_ATOL_SCALE * np.abs(mean).max(), err_msg=name)
