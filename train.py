@@ -114,6 +114,21 @@ def check_settings(s):
         raise UserError(f"--grad-clip must be 0 (off) or positive, got {s['grad_clip']}.")
 
 
+def check_out(out):
+    """UserError unless a checkpoint can be written at out: found now, not after the training."""
+    if os.path.isdir(out):
+        raise UserError(f"--out {out} is a directory; give a file path such as "
+                        f"{os.path.join(out, 'model.ckpt')}")
+    folder = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(folder):  # the nearest folder that exists; the rest will be created
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"--out {out} cannot be created because {folder} is a file; choose another --out")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out} cannot be written: no write permission in {folder}; "
+                        "choose another --out")
+
+
 def describe_backend(xp):
     if xp is np:
         return f"Backend: numpy {np.__version__} on the CPU ({os.cpu_count()} cores)"
@@ -138,7 +153,10 @@ def full_loss(model, data, context_length, batch_size):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        return train(args)
+        # A blown-up run is reported once, by the loop, naming the step and parameter;
+        # numpy's overflow warnings along the way would only add lines without that.
+        with np.errstate(all="ignore"):
+            return train(args)
     except (UserError, BackendError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -153,6 +171,7 @@ def train(args):
     s = resolve_settings(args, saved_meta.get("run", {}))
     check_settings(s)
     out = args.out or args.resume or os.path.join("model", "model.ckpt")
+    check_out(out)
 
     # ---- data: read, tokenize with cl100k_base, split 90/10 ---------------------------------
     text = read_text(s["data"]) if s["data"] else default_corpus()
@@ -204,10 +223,10 @@ def train(args):
         return losses
 
     # ---- logging: the book's lines, a progress bar on a terminal, metrics JSONL, wandb ------
+    wandb_run = start_wandb(args.wandb, h_params, s) if args.wandb else None  # may fail: before any file
     metrics_path = os.path.splitext(out)[0] + ".metrics.jsonl"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     metrics = open(metrics_path, "a" if args.resume else "w", encoding="utf-8")
-    wandb_run = start_wandb(args.wandb, h_params, s) if args.wandb else None
     bar = progress_bar(start, s["max_iters"], enabled=not args.no_progress)
     say = bar.write if bar is not None else print
 

@@ -114,7 +114,8 @@ def _check_container(path, blob):
         if blob.startswith(b"PK\x03\x04") or (len(blob) > 1 and blob[0] == 0x80 and 2 <= blob[1] <= 5):
             raise CheckpointError(f"{path} looks like a PyTorch/pickle file, not a checkpoint of this "
                                   "project; convert it with `python -m transformer.convert`")
-        raise CheckpointError(f"{path} is not a checkpoint of this project (wrong magic bytes)")
+        raise CheckpointError(f"{path} is not a checkpoint of this project (wrong magic bytes); "
+                              "pass a checkpoint written by train.py")
     if len(blob) < _PREFIX.size + _DIGEST:
         raise CheckpointError(f"checkpoint {path} is truncated ({len(blob)} bytes); save it again")
     if hashlib.sha256(blob[:-_DIGEST]).digest() != blob[-_DIGEST:]:

@@ -42,7 +42,8 @@ def load_state(path):
     """(tensors, meta) of a checkpoint of this project, checked to describe a whole model."""
     tensors, meta = load_checkpoint(path)
     if meta.get("format") != FORMAT or not isinstance(meta.get("h_params"), dict):
-        raise CheckpointError(f"{path} is a checkpoint file but not of a {FORMAT} model")
+        raise CheckpointError(f"{path} is a checkpoint file but not of a {FORMAT} model; "
+                              "pass a checkpoint written by train.py")
     try:
         validate_h_params(meta["h_params"])
     except UserError as e:
