@@ -23,7 +23,7 @@ from nanograd.backend import BackendError, get_backend, make_rng
 from nanograd.clip import clip_grad_norm, grad_norm
 from transformer import Model
 from transformer.data import check_splits, default_corpus, get_batch, read_text, split, tokenize
-from transformer.errors import UserError
+from transformer.errors import CheckpointError, UserError
 from transformer.schedule import learning_rate
 from transformer.state import load_state, restore_optimizer, save_state
 from transformer.tokenizer import get_tokenizer
@@ -83,6 +83,10 @@ def resolve_settings(args, saved):
     for key, default in {**BOOK_H_PARAMS, **RUN_DEFAULTS}.items():
         given = getattr(args, key)
         settings[key] = given if given is not None else saved.get(key, default)
+        kind = {bool: bool, int: int, float: (int, float), str: str}.get(type(default))
+        if kind and not isinstance(settings[key], kind) or kind is int and isinstance(settings[key], bool):
+            raise CheckpointError(f"checkpoint {args.resume} stores a malformed {key} ({settings[key]!r}); "
+                                  "it cannot be resumed, but inference.py can still use it")
     if args.resume:
         for key in ARCHITECTURE + ("compact_vocab", "dtype"):
             if getattr(args, key) is not None and getattr(args, key) != saved.get(key):
@@ -168,6 +172,9 @@ def train(args):
 
     # ---- settings: flags, else the resumed run's, else the book's ---------------------------
     saved_tensors, saved_meta = load_state(args.resume) if args.resume else (None, {})
+    if args.resume and not saved_meta.get("adamw"):
+        raise CheckpointError(f"checkpoint {args.resume} has no optimizer state, so it cannot resume a run; "
+                              "inference.py can still use it")
     s = resolve_settings(args, saved_meta.get("run", {}))
     check_settings(s)
     out = args.out or args.resume or os.path.join("model", "model.ckpt")

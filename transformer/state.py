@@ -48,6 +48,13 @@ def load_state(path):
         validate_h_params(meta["h_params"])
     except UserError as e:
         raise CheckpointError(f"checkpoint {path} holds unusable h_params: {e}") from e
+    step, run, adamw = meta.get("step", 0), meta.get("run", {}), meta.get("adamw")
+    if (not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(run, dict)
+            or not (adamw is None or isinstance(adamw, dict)
+                    and all(isinstance(adamw.get(k), (int, float)) for k in ("lr", "eps", "weight_decay", "t"))
+                    and isinstance(adamw.get("betas"), list) and len(adamw["betas"]) == 2)):
+        raise CheckpointError(f"checkpoint {path} has malformed step, run or optimizer entries; "
+                              "the file was edited or damaged, use another copy")
     for name, shape in parameter_shapes(meta["h_params"]).items():
         stored = tensors.get(f"params/{name}")
         if stored is None or stored.shape != tuple(shape):
