@@ -12,7 +12,7 @@ import numpy as np
 from nanograd.backend import BackendError, get_backend
 from transformer.errors import UserError
 from transformer.state import build_model, load_state
-from transformer.tokenizer import get_tokenizer
+from transformer.tokenizer import encode_prompt, get_tokenizer
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -50,24 +50,6 @@ def check_args(args):
         raise UserError(f"--top-p must lie in (0, 1], got {args.top_p}.")
     if not args.repetition_penalty > 0:
         raise UserError(f"--repetition-penalty must be greater than 0, got {args.repetition_penalty}.")
-
-
-def encode_prompt(prompt, tokenizer, vocab, vocab_size):
-    """The prompt's ids in the model's numbering; UserError if a token lies outside the vocabulary."""
-    ids = np.asarray(tokenizer.encode_ordinary(prompt), dtype=np.int64)
-    if len(ids) == 0:
-        raise UserError("--prompt is empty; give at least one character of text.")
-    if vocab is not None:  # a --compact-vocab model knows only the ids of its corpus
-        pos = np.searchsorted(vocab, ids).clip(max=len(vocab) - 1)
-        unknown = ids[vocab[pos] != ids]
-        ids = pos
-    else:
-        unknown = ids[ids >= vocab_size]
-    if len(unknown):
-        pieces = ", ".join(repr(tokenizer.decode([int(i)])) for i in unknown[:3])
-        raise UserError(f"the prompt has {len(unknown)} token(s) the model never saw in training "
-                        f"(e.g. {pieces}); rephrase the prompt")
-    return ids
 
 
 def main(argv=None):

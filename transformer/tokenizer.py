@@ -12,6 +12,7 @@ import hashlib
 import os
 import zlib
 
+import numpy as np
 import tiktoken
 
 from .errors import UserError
@@ -63,3 +64,21 @@ def get_tokenizer() -> tiktoken.Encoding:
     return tiktoken.Encoding(
         name="cl100k_base", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=SPECIAL_TOKENS
     )
+
+
+def encode_prompt(prompt, tokenizer, vocab, vocab_size):
+    """The prompt's ids in the model's numbering; UserError if a token lies outside the vocabulary."""
+    ids = np.asarray(tokenizer.encode_ordinary(prompt), dtype=np.int64)
+    if len(ids) == 0:
+        raise UserError("--prompt is empty; give at least one character of text.")
+    if vocab is not None:  # a --compact-vocab model knows only the ids of its corpus
+        pos = np.searchsorted(vocab, ids).clip(max=len(vocab) - 1)
+        unknown = ids[vocab[pos] != ids]
+        ids = pos
+    else:
+        unknown = ids[ids >= vocab_size]
+    if len(unknown):
+        pieces = ", ".join(repr(tokenizer.decode([int(i)])) for i in unknown[:3])
+        raise UserError(f"the prompt has {len(unknown)} token(s) the model never saw in training "
+                        f"(e.g. {pieces}); rephrase the prompt")
+    return ids

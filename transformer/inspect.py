@@ -1,0 +1,84 @@
+"""Draw every attention head's weights for a prompt, one PNG per head (like the book's notebook).
+
+    python -m transformer.inspect --prompt "Return the number of items" --out-dir attention/
+
+Each image is the (T, T) softmax matrix of one head: row t shows how much
+position t attends to each earlier position (the upper triangle is the
+causal mask, always 0).  Needs matplotlib: pip install matplotlib.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from nanograd.backend import BackendError, get_backend, to_host
+
+from .errors import UserError
+from .state import build_model, load_state
+from .tokenizer import encode_prompt, get_tokenizer
+
+
+def attention_maps(model, ids):
+    """Every block's attention weights for ids (T,): a list of (NH, T, T) host arrays."""
+    model.eval()
+    model(ids[None])  # the forward keeps each block's softmax weights in its cache
+    return [to_host(block.attn.att[0]) for block in model.cache.blocks]
+
+
+def draw(maps, labels, out_dir):
+    """One PNG per block and head; returns the paths written."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("drawing attention maps needs matplotlib: pip install matplotlib") from None
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    T = len(labels)
+    for i, heads in enumerate(maps):
+        for h, att in enumerate(heads):
+            size = max(4.0, 0.28 * T + 1.5)
+            fig, ax = plt.subplots(figsize=(size + 1, size))
+            image = ax.imshow(att, cmap="viridis", vmin=0.0, vmax=1.0)
+            ax.set_xticks(range(T), labels, rotation=90, fontsize=7)
+            ax.set_yticks(range(T), labels, fontsize=7)
+            ax.set_xlabel("attends to (key)")
+            ax.set_ylabel("position (query)")
+            ax.set_title(f"block {i}, head {h}")
+            fig.colorbar(image, ax=ax, fraction=0.046)
+            fig.tight_layout()
+            path = os.path.join(out_dir, f"block{i}_head{h}.png")
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            paths.append(path)
+    return paths
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m transformer.inspect", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", default=os.path.join("model", "model.ckpt"))
+    parser.add_argument("--prompt", default="Return the number of items in the list.")
+    parser.add_argument("--out-dir", default="attention")
+    parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    args = parser.parse_args(argv)
+    try:
+        get_backend(args.backend)
+        tensors, meta = load_state(args.ckpt)
+        model = build_model(tensors, meta, backend=args.backend)
+        tokenizer = get_tokenizer()
+        ids = encode_prompt(args.prompt, tokenizer, tensors.get("vocab"), meta["h_params"]["max_token_value"])
+        ids = ids[-model.context_length:]
+        raw = ids if "vocab" not in tensors else tensors["vocab"][ids]
+        labels = [repr(tokenizer.decode([int(i)]))[1:-1] for i in raw]
+        paths = draw(attention_maps(model, np.asarray(ids)), labels, args.out_dir)
+    except (UserError, BackendError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"Wrote {len(paths)} attention maps ({len(labels)} tokens) to {args.out_dir}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
