@@ -179,8 +179,9 @@ def standard_cases(xp, seed=0):
     ]
 
 
-def run(xp=np, seed=0, file=sys.stdout):
-    """Check every kernel, print the table, return True when all rows pass."""
+def run(xp=np, seed=0, file=None):
+    """Check every kernel, print the table (to file, default stdout), return True when all rows pass."""
+    file = sys.stdout if file is None else file  # looked up now, so redirect_stdout works
     rows = []
     for kernel, forward, backward, inputs, wrt, names, torch_forward in standard_cases(xp, seed):
         rows += check_kernel(kernel, forward, backward, inputs, wrt, names, torch_forward, seed)
