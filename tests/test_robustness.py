@@ -384,7 +384,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path, wide_text):
         proc.stderr.close()
     assert caught, f"{saves_seen} saves seen, none caught in the middle"
     assert proc.returncode == -signal.SIGKILL
-    assert tmp.exists() and tmp.stat().st_size > 0  # the interrupted save's leftover
+    assert tmp.exists()  # the interrupted save's leftover (possibly still empty)
     tensors, meta = load_state(out)  # the previous checkpoint, whole
     assert 1 <= meta["step"] < 10000
     assert meta["adamw"]["t"] == meta["step"]
