@@ -1,9 +1,10 @@
 """AdamW, written out, with exactly torch.optim.AdamW's semantics and defaults."""
 import numpy as np
 
-from .backend import get_array_module
+from .backend import fused_kernels, get_array_module, parallel
 
 BLOCK = 1 << 15  # elements per block of the CPU path: p, m, v, g and scratch stay in L2 cache
+PART = 1 << 20   # elements per task handed to a CPU thread
 
 
 def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
@@ -16,6 +17,8 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
 
     in torch's order of operations, so float64 results agree to rounding.
     """
+    if fused := fused_kernels(p, g, m, v):  # CuPy: the same in one CUDA kernel
+        return fused.adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t)
     xp = get_array_module(p)
     p *= 1 - lr * weight_decay
     m += (1 - beta1) * (g - m)  # = beta1 * m + (1 - beta1) * g, as torch's lerp
@@ -25,15 +28,15 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
     p -= lr / (1 - beta1 ** t) * (m / denom)
 
 
-def adamw_update_blocked(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t, scratch):
-    """adamw_update on NumPy arrays, block by block, with no temporaries.
+def adamw_update_blocked(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
+    """adamw_update on flat NumPy arrays, block by block, with no temporaries.
 
     The same operations in the same order, but each block of BLOCK
     elements goes through all of them while it sits in cache, so memory
     is read and written about once instead of once per operation.
-    p, m, v must be contiguous; scratch is a float buffer of >= BLOCK elements.
     """
     p, g, m, v = p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1)  # views
+    scratch = np.empty(min(BLOCK, p.size), p.dtype)
     decay, step_size = 1 - lr * weight_decay, lr / (1 - beta1 ** t)
     bias_correction2_sqrt = (1 - beta2 ** t) ** 0.5
     for start in range(0, p.size, BLOCK):
@@ -75,19 +78,26 @@ class AdamW:
         self.t = 0
         self.m = {name: get_array_module(p).zeros_like(p) for name, p in params.items()}
         self.v = {name: get_array_module(p).zeros_like(p) for name, p in params.items()}
-        self.scratch = {dtype: np.empty(BLOCK, dtype) for dtype in (np.float32, np.float64)}
 
     def step(self, grads):
-        """One update of every parameter from grads (same names)."""
+        """One update of every parameter from grads (same names).
+
+        On NumPy the parameters are cut into parts of PART elements, and
+        the CPU threads update the parts at once (elementwise, so any cut
+        gives the same numbers).
+        """
         self.t += 1
-        beta1, beta2 = self.betas
+        settings = (self.lr, *self.betas, self.eps, self.weight_decay, self.t)
+        parts = []
         for name, p in self.params.items():
-            args = (p, grads[name], self.m[name], self.v[name], self.lr, beta1, beta2, self.eps,
-                    self.weight_decay, self.t)
-            if isinstance(p, np.ndarray):
-                adamw_update_blocked(*args, scratch=self.scratch[p.dtype.type])
-            else:
-                adamw_update(*args)
+            arrays = (p, grads[name], self.m[name], self.v[name])
+            if not isinstance(p, np.ndarray):
+                adamw_update(*arrays, *settings)
+                continue
+            flat = [a.reshape(-1) for a in arrays]  # views: p, m, v are contiguous
+            for start in range(0, p.size, PART):
+                parts.append((adamw_update_blocked, *(a[start:start + PART] for a in flat), *settings))
+        parallel(parts)
 
     def state_dict(self):
         """Everything needed to resume: hyperparameters, t, and m, v by name.

@@ -8,7 +8,7 @@ The projection after the concatenation is a separate linear layer.
 """
 from typing import NamedTuple
 
-from .backend import get_array_module
+from .backend import fused_kernels, get_array_module
 from .dropout import dropout_forward, dropout_backward
 
 
@@ -43,20 +43,42 @@ def causal_mask(xp, T):
     return xp.triu(xp.ones((T, T), dtype=bool), k=1)  # (T, T)
 
 
+def causal_softmax_forward(preatt):
+    """att = softmax over the last axis of preatt (..., T, T), row t seeing only keys 0..t.
+
+    The cache is att itself (the backward needs nothing else).
+    """
+    if fused := fused_kernels(preatt):  # CuPy: the same in one CUDA kernel
+        return fused.causal_softmax_forward(preatt)
+    xp = get_array_module(preatt)
+    T = preatt.shape[-1]
+    preatt = xp.where(causal_mask(xp, T), -xp.inf, preatt)  # (..., T, T) the future gets exp(-inf) = 0
+    preatt -= preatt.max(axis=-1, keepdims=True)  # the diagonal is always finite
+    att = xp.exp(preatt)  # (..., T, T)
+    att /= att.sum(axis=-1, keepdims=True)  # softmax over the keys
+    return att
+
+
+def causal_softmax_backward(datt, att):
+    """dpreatt = att * (datt - sum_j(datt * att)): the softmax's Jacobian applied to datt.
+
+    Masked entries have att = 0, so they get 0.
+    """
+    if fused := fused_kernels(datt, att):  # CuPy: the same in one CUDA kernel
+        return fused.causal_softmax_backward(datt, att)
+    return att * (datt - (datt * att).sum(axis=-1, keepdims=True))  # (..., T, T)
+
+
 def attention_forward(x, Wq, Wk, Wv, dropout_p=0.0, rng=None, train=True):
     """x (B, T, C), Wq/Wk/Wv (NH, hs, C) -> out (B, T, NH*hs).
 
     Cache: x, the weights, q, k, v, the softmax weights att, the dropout mask.
     """
-    xp = get_array_module(x)
     B, T, C = x.shape
     NH, hs, _ = Wq.shape
     q, k, v = _heads(x, Wq), _heads(x, Wk), _heads(x, Wv)  # (B, NH, T, hs) each
     preatt = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / hs ** 0.5)  # (B, NH, T, T)
-    preatt = xp.where(causal_mask(xp, T), -xp.inf, preatt)  # (B, NH, T, T) the future gets exp(-inf) = 0
-    preatt -= preatt.max(axis=-1, keepdims=True)  # the diagonal is always finite
-    att = xp.exp(preatt)  # (B, NH, T, T)
-    att /= att.sum(axis=-1, keepdims=True)  # softmax over the keys
+    att = causal_softmax_forward(preatt)  # (B, NH, T, T)
     att_drop, dropout_cache = dropout_forward(att, dropout_p, rng, train)  # (B, NH, T, T)
     y = att_drop @ v  # (B, NH, T, hs)
     out = _unheads(y).reshape(B, T, NH * hs)  # (B, T, NH*hs)
@@ -83,7 +105,7 @@ def attention_backward(dout, cache):
     datt_drop = dy @ v.transpose(0, 1, 3, 2)  # (B, NH, T, T)
     dv = att_drop.transpose(0, 1, 3, 2) @ dy  # (B, NH, T, hs)
     datt = dropout_backward(datt_drop, dropout_cache)  # (B, NH, T, T)
-    dpreatt = att * (datt - (datt * att).sum(axis=-1, keepdims=True))  # (B, NH, T, T)
+    dpreatt = causal_softmax_backward(datt, att)  # (B, NH, T, T)
     dq = (dpreatt @ k) * scale  # (B, NH, T, hs)
     dk = (dpreatt.transpose(0, 1, 3, 2) @ q) * scale  # (B, NH, T, hs)
     x2 = x.reshape(B * T, C)  # (B*T, C)

@@ -6,12 +6,11 @@ from .backend import get_array_module
 
 def grad_norm(grads):
     """sqrt(sum of every gradient element squared), as a Python float."""
-    total = 0.0
+    total = 0.0  # a device scalar on CuPy: one transfer at the end, not one per parameter
     for g in grads.values():
-        xp = get_array_module(g)
         flat = g.reshape(-1)
-        total += float(xp.dot(flat, flat))
-    return math.sqrt(total)
+        total = total + get_array_module(g).dot(flat, flat)
+    return math.sqrt(float(total))
 
 
 def clip_grad_norm(grads, max_norm):

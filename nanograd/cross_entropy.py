@@ -1,7 +1,11 @@
 """Softmax cross-entropy, fused: mean over positions of -log softmax(logits)[target]."""
 from typing import NamedTuple
 
-from .backend import get_array_module
+import os
+
+import numpy as np
+
+from .backend import fused_kernels, get_array_module, parallel, split_range
 
 
 class CrossEntropyCache(NamedTuple):
@@ -15,6 +19,8 @@ def cross_entropy_forward(logits, targets):
     logits (N, V), targets (N,) ints -> loss, a 0-d array.  Cache: probs, targets.
     The row max is subtracted before exp, so no exp overflows.
     """
+    if fused := fused_kernels(logits):  # CuPy: the same in one CUDA kernel
+        return fused.cross_entropy_forward(logits, targets)
     xp = get_array_module(logits)
     N = logits.shape[0]
     rows = xp.arange(N)  # (N,)
@@ -32,6 +38,8 @@ def cross_entropy_backward(dloss, cache):
     The one-hot is never built: 1 is subtracted at [rows, targets].
     The targets are integers and get no gradient: returns dlogits alone.
     """
+    if fused := fused_kernels(cache.probs):  # CuPy: the same in one CUDA kernel
+        return fused.cross_entropy_backward(dloss, cache)
     xp = get_array_module(cache.probs)
     probs, targets = cache
     N = probs.shape[0]
@@ -52,24 +60,50 @@ class CrossEntropyBuffersCache(NamedTuple):
 ROWS = 4  # rows per block: 4 rows of a 100k vocabulary (1.6 MB float32) stay in cache
 
 
-def cross_entropy_forward_into(logits, targets, exp):
-    """cross_entropy_forward, writing into the preallocated exp (N, V) instead of new arrays.
-
-    Row block by row block: max, subtract, exp and sum pass over a block
-    while it is in cache.  The softmax is left unnormalised (exp and
-    sumexp); the backward folds the 1/sumexp into the one pass it makes.
-    """
+def _exp_rows(logits, exp, rowmax, sumexp, start, stop):
+    """exp = exp(logits - rowmax) and its row sums, for rows start..stop, a cache-sized block at a time."""
     xp = get_array_module(logits)
-    N = logits.shape[0]
-    sumexp = xp.empty((N, 1), dtype=logits.dtype)  # (N, 1)
-    target_logit = logits[xp.arange(N), targets]  # (N,)
-    rowmax = xp.empty((N, 1), dtype=logits.dtype)  # (N, 1)
-    for start in range(0, N, ROWS):
-        b = slice(start, start + ROWS)
+    rows = ROWS if xp is np else stop - start  # a GPU takes all rows in one launch
+    for first in range(start, stop, rows):
+        b = slice(first, min(first + rows, stop))
         logits[b].max(axis=-1, keepdims=True, out=rowmax[b])
         xp.subtract(logits[b], rowmax[b], out=exp[b])
         xp.exp(exp[b], out=exp[b])
         exp[b].sum(axis=-1, keepdims=True, out=sumexp[b])
+
+
+def _scale_rows(exp, scale, start, stop):
+    """exp[rows] *= scale[rows] for rows start..stop."""
+    rows = ROWS if get_array_module(exp) is np else stop - start
+    for first in range(start, stop, rows):
+        b = slice(first, min(first + rows, stop))
+        exp[b] *= scale[b]
+
+
+def _over_rows(function, N, *arrays):
+    """function(*arrays, start, stop) over all N rows: on NumPy split among the CPU threads."""
+    if get_array_module(arrays[0]) is np:
+        parallel([(function, *arrays, start, stop) for start, stop in split_range(N, os.cpu_count() or 1, ROWS)])
+    else:
+        function(*arrays, 0, N)
+
+
+def cross_entropy_forward_into(logits, targets, exp):
+    """cross_entropy_forward, writing into the preallocated exp (N, V) instead of new arrays.
+
+    Row block by row block: max, subtract, exp and sum pass over a block
+    while it is in cache (on NumPy the CPU threads take a share of the rows
+    each).  The softmax is left unnormalised (exp and sumexp); the backward
+    folds the 1/sumexp into the one pass it makes.
+    """
+    if fused := fused_kernels(logits, exp):  # CuPy: the same in one CUDA kernel
+        return fused.cross_entropy_forward_into(logits, targets, exp)
+    xp = get_array_module(logits)
+    N = logits.shape[0]
+    rowmax = xp.empty((N, 1), dtype=logits.dtype)  # (N, 1)
+    sumexp = xp.empty((N, 1), dtype=logits.dtype)  # (N, 1)
+    _over_rows(_exp_rows, N, logits, exp, rowmax, sumexp)
+    target_logit = logits[xp.arange(N), targets]  # (N,)
     loss = (xp.log(sumexp[:, 0]) - (target_logit - rowmax[:, 0])).mean()  # ()
     return loss, CrossEntropyBuffersCache(exp, sumexp, targets)
 
@@ -81,12 +115,11 @@ def cross_entropy_backward_into(dloss, cache):
     scaled probabilities; then dloss / N comes off at [rows, targets].  The
     cache is used up.
     """
+    if fused := fused_kernels(cache.exp, cache.sumexp):  # CuPy: the same in one CUDA kernel
+        return fused.cross_entropy_backward_into(dloss, cache)
     xp = get_array_module(cache.exp)
     exp, sumexp, targets = cache
     N = exp.shape[0]
-    scale = (dloss / N) / sumexp  # (N, 1)
-    for start in range(0, N, ROWS):
-        b = slice(start, start + ROWS)
-        exp[b] *= scale[b]
+    _over_rows(_scale_rows, N, exp, (dloss / N) / sumexp)
     exp[xp.arange(N), targets] -= dloss / N
     return exp  # (N, V) dlogits
