@@ -200,6 +200,7 @@ def train(args):
     if args.resume:
         h_params["max_token_value"] = saved_meta["h_params"]["max_token_value"]
     model = Model(h_params, backend=args.backend, dtype=s["dtype"], seed=s["seed"])
+    model.reuse_logits = True  # the loop never keeps logits: skip allocating 100 MB a step
     optimizer = AdamW(model.params, lr=s["learning_rate"])
     start = 0
     if args.resume:

@@ -53,6 +53,7 @@ def make_numpy(cfg, vocab):
     from nanograd import AdamW
     from transformer import Model
     model = Model({**cfg, "max_token_value": vocab}, dtype="float32", seed=0)
+    model.reuse_logits = True  # as train.py does
     opt = AdamW(model.params, lr=1e-3)
 
     def step(x, y):

@@ -10,9 +10,12 @@ class LinearCache(NamedTuple):
     has_bias: bool
 
 
-def linear_forward(x, W, b=None):
-    """x (..., IN), W (OUT, IN), b (OUT,) or None -> out (..., OUT).  Cache: x, W."""
-    out = x @ W.T  # (..., OUT)
+def linear_forward(x, W, b=None, out=None):
+    """x (..., IN), W (OUT, IN), b (OUT,) or None -> out (..., OUT).  Cache: x, W.
+
+    out, if given, is a (..., OUT) array that receives the result.
+    """
+    out = get_array_module(x).matmul(x, W.T, out=out)  # (..., OUT)
     if b is not None:
         out += b
     return out, LinearCache(x, W, b is not None)

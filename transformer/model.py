@@ -138,7 +138,10 @@ class Model:
     of the output layer), since allocating 30-100 MB afresh every step
     costs more than the arithmetic on them.  So, like PyTorch's .grad, the
     arrays backward() returns are overwritten by the next backward(): copy
-    them to keep them.
+    them to keep them.  With reuse_logits = True (train.py sets it), a
+    forward with targets also writes its logits into a kept buffer, which
+    the next such forward overwrites; by default every forward returns
+    fresh logits.
     """
 
     def __init__(self, h_params, backend="numpy", dtype="float32", seed=0):
@@ -170,6 +173,7 @@ class Model:
                        for name, value in init.items()}  # the book's order of names
         self.cache = None
         self.buffers = {}
+        self.reuse_logits = False
 
     def buffer(self, name, shape):
         """A reusable work array: the same one every call with the same shape."""
@@ -225,11 +229,16 @@ class Model:
         return x, emb_cache, blocks, ln_final
 
     def __call__(self, idx, targets=None):
-        """(B, T) ids [, (B, T) targets] -> logits (B, T, V), loss (float or None)."""
+        """(B, T) ids [, (B, T) targets] -> logits (B, T, V), loss (float or None).
+
+        The logits are a fresh array, unless reuse_logits is set and targets are given.
+        """
         idx = self.xp.asarray(idx)
         x, emb_cache, blocks, ln_final = self.hidden(idx)
-        logits, head = linear_forward(x, self.params["model_out_linear_layer.weight"],
-                                      self.params["model_out_linear_layer.bias"])  # (B, T, V)
+        W = self.params["model_out_linear_layer.weight"]
+        reuse = self.reuse_logits and targets is not None
+        logits, head = linear_forward(x, W, self.params["model_out_linear_layer.bias"],
+                                      out=self.buffer("logits", x.shape[:2] + W.shape[:1]) if reuse else None)  # (B, T, V)
         loss, loss_cache = None, None
         if targets is not None:
             B, T, V = logits.shape
