@@ -27,15 +27,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 BOOK = dict(d_model=80, num_blocks=6, num_heads=4, context_length=128, batch_size=2, dropout=0.1)
 VOCAB = 100_218  # max token id + 1 of the default corpus (cl100k_base ids)
+COMPACT_VOCAB = 12_688  # distinct ids of the default corpus: train.py --compact-vocab
 
 
-def sweep_configs():
-    """The book config, then one setting changed at a time."""
+def sweep_configs(vocab):
+    """(config, vocabulary): the book's, then one setting changed at a time, then --compact-vocab."""
     configs = [dict(BOOK)]
     configs += [dict(BOOK, batch_size=b) for b in (8, 32)]
     configs += [dict(BOOK, context_length=512)]
-    configs += [dict(BOOK, d_model=d, num_heads=4) for d in (256, 512)]
-    return configs
+    configs += [dict(BOOK, d_model=d) for d in (256, 512)]
+    return [(cfg, vocab) for cfg in configs] + [(dict(BOOK), COMPACT_VOCAB)]
 
 
 def label(cfg, vocab):
@@ -187,17 +188,17 @@ def main(argv=None):
              "| floor ms | floor reached | NumPy peak MB | PyTorch peak MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
-    for cfg in [dict(BOOK)] if args.quick else sweep_configs():
+    for cfg, vocab in [(dict(BOOK), args.vocab)] if args.quick else sweep_configs(args.vocab):
         steps = args.steps if cfg["batch_size"] * cfg["context_length"] <= 1024 else max(5, args.steps // 3)
-        t = time_pair(cfg, args.vocab, steps, args.warmup)
+        t = time_pair(cfg, vocab, steps, args.warmup)
         np_ms, torch_ms = t["numpy"][1], t["torch"][1]
         tokens = cfg["batch_size"] * cfg["context_length"]
-        n_params = sum(int(np.prod(s)) for s in parameter_shapes({**cfg, "max_token_value": args.vocab}).values())
-        rate, bandwidth = measure_rates(cfg, args.vocab)
-        floor_ms = 1000 * (matmul_flops(cfg, args.vocab) / rate + step_bytes(cfg, args.vocab, n_params) / bandwidth)
-        mem = ("-", "-") if args.no_memory else (f"{peak_memory('numpy', cfg, args.vocab):,.0f}",
-                                                 f"{peak_memory('torch', cfg, args.vocab):,.0f}")
-        row = (f"| {label(cfg, args.vocab)} | {np_ms:.1f} ({t['numpy'][0]:.1f}-{t['numpy'][2]:.1f}) "
+        n_params = sum(int(np.prod(s)) for s in parameter_shapes({**cfg, "max_token_value": vocab}).values())
+        rate, bandwidth = measure_rates(cfg, vocab)
+        floor_ms = 1000 * (matmul_flops(cfg, vocab) / rate + step_bytes(cfg, vocab, n_params) / bandwidth)
+        mem = ("-", "-") if args.no_memory else (f"{peak_memory('numpy', cfg, vocab):,.0f}",
+                                                 f"{peak_memory('torch', cfg, vocab):,.0f}")
+        row = (f"| {label(cfg, vocab)} | {np_ms:.1f} ({t['numpy'][0]:.1f}-{t['numpy'][2]:.1f}) "
                f"| {torch_ms:.1f} ({t['torch'][0]:.1f}-{t['torch'][2]:.1f}) | {np_ms / torch_ms:.2f} "
                f"| {1000 * tokens / np_ms:,.0f} | {1000 * tokens / torch_ms:,.0f} | {floor_ms:.1f} "
                f"| {floor_ms / np_ms:.0%} | {mem[0]} | {mem[1]} |")
