@@ -3,23 +3,15 @@
     python inference.py --prompt "The module"
     python inference.py --ckpt model/model.ckpt --temperature 0.8 --top-k 50 --seed 7
 """
-import argparse
 import sys
 import time
 
 import numpy as np
 
 from nanograd.backend import BackendError, get_backend
-from transformer.errors import UserError
+from transformer.errors import OneLineParser, UserError
 from transformer.state import build_model, load_state
 from transformer.tokenizer import encode_prompt, get_tokenizer
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag gets one line on stderr (and exit 2), not the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def parse_args(argv):

@@ -7,7 +7,6 @@
 Reads top to bottom like the book's: settings, data, model, optimizer,
 the loop (evaluate, batch, forward, backward, step), save.
 """
-import argparse
 import hashlib
 import json
 import math
@@ -23,7 +22,7 @@ from nanograd.backend import BackendError, get_backend, make_rng
 from nanograd.clip import clip_grad_norm, grad_norm
 from transformer import Model
 from transformer.data import check_splits, default_corpus, get_batch, read_text, split, tokenize
-from transformer.errors import CheckpointError, UserError
+from transformer.errors import CheckpointError, OneLineParser, UserError
 from transformer.schedule import learning_rate
 from transformer.state import load_state, restore_optimizer, save_state
 from transformer.tokenizer import get_tokenizer
@@ -41,13 +40,6 @@ RUN_DEFAULTS = {
     "grad_clip": 0.0, "grad_accum_steps": 1, "eval_full": False, "compact_vocab": False,
 }
 ARCHITECTURE = ("d_model", "num_blocks", "num_heads", "context_length", "dropout")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag gets one line on stderr (and exit 2), not the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def parse_args(argv):

@@ -31,9 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-VOCAB = 100_218  # max token id + 1 of the default corpus (cl100k_base ids)
+from benchmarks.bench_cpu import BOOK, VOCAB, matmul_flops, step_bytes  # noqa: E402
+
 CONFIGS = {
-    "book": dict(d_model=80, num_blocks=6, num_heads=4, context_length=128, batch_size=2, dropout=0.1),
+    "book": dict(BOOK),
     "large": dict(d_model=512, num_blocks=12, num_heads=8, context_length=256, batch_size=16, dropout=0.1),
 }
 IMPLS = ("cupy-fused", "cupy-plain", "torch")
@@ -42,21 +43,6 @@ IMPLS = ("cupy-fused", "cupy-plain", "torch")
 def label(name, cfg, vocab):
     return (f"{name}: B={cfg['batch_size']} T={cfg['context_length']} C={cfg['d_model']} "
             f"L={cfg['num_blocks']} H={cfg['num_heads']} V={vocab:,}")
-
-
-def matmul_flops(cfg, vocab):
-    """Matmul FLOPs of one training step (forward 2mnk per product, backward twice that)."""
-    N, T, C, L = cfg["batch_size"] * cfg["context_length"], cfg["context_length"], cfg["d_model"], cfg["num_blocks"]
-    linear = 2 * N * C * (3 * C + C + 4 * C + 4 * C) * L + 2 * N * C * vocab  # q,k,v, proj, ffn, head
-    attention = 2 * 2 * cfg["batch_size"] * T * T * C * L  # q @ k.T and att @ v, all heads
-    return 3 * (linear + attention)
-
-
-def step_bytes(cfg, vocab, n_params):
-    """Bytes a float32 step cannot avoid moving: AdamW reads p, g, m, v and writes p, m, v;
-    the logits are written, read by the loss, rewritten as dlogits and read by two matmuls."""
-    N = cfg["batch_size"] * cfg["context_length"]
-    return 4 * (7 * n_params + 5 * N * vocab)
 
 
 def measure_rates(cp, cfg, vocab, sync):

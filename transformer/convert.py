@@ -8,13 +8,12 @@ The direction follows the input: a checkpoint of ours becomes the book's
 registers), anything else is read as the book's with torch.load(weights_only=True),
 which refuses pickled code.  torch is needed only here.
 """
-import argparse
 import os
 import sys
 
 import numpy as np
 
-from .errors import CheckpointError, UserError
+from .errors import CheckpointError, OneLineParser, UserError
 from .checkpoint import MAGIC
 from .model import Model, parameter_shapes, validate_h_params
 from .state import build_model, load_state, save_state
@@ -65,7 +64,7 @@ def is_ours(path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m transformer.convert", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m transformer.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("src")
     parser.add_argument("dst")
     parser.add_argument("--force", action="store_true", help="overwrite dst if it exists")

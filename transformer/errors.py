@@ -3,6 +3,8 @@
 Top-level scripts catch `UserError`, print it to stderr and exit with status 2,
 so its message must be one sentence that names the problem and what to do.
 """
+import argparse
+
 
 
 class UserError(Exception):
@@ -11,3 +13,10 @@ class UserError(Exception):
 
 class CheckpointError(UserError):
     """A checkpoint file is missing, foreign, corrupted or of an unsupported version."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gets one line on stderr (and exit 2), not the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")

@@ -6,7 +6,6 @@ Each image is the (T, T) softmax matrix of one head: row t shows how much
 position t attends to each earlier position (the upper triangle is the
 causal mask, always 0).  Needs matplotlib: pip install matplotlib.
 """
-import argparse
 import os
 import sys
 
@@ -14,7 +13,7 @@ import numpy as np
 
 from nanograd.backend import BackendError, get_backend, to_host
 
-from .errors import UserError
+from .errors import OneLineParser, UserError
 from .state import build_model, load_state
 from .tokenizer import encode_prompt, get_tokenizer
 
@@ -57,7 +56,7 @@ def draw(maps, labels, out_dir):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m transformer.inspect", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m transformer.inspect", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", default=os.path.join("model", "model.ckpt"))
     parser.add_argument("--prompt", default="Return the number of items in the list.")
     parser.add_argument("--out-dir", default="attention")

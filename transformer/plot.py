@@ -9,13 +9,12 @@ used --eval-full) the full validation loss are drawn against the step. A run res
 an earlier checkpoint appends evaluations it may already have made; the later one wins.
 matplotlib is imported only here, so training never needs it.
 """
-import argparse
 import json
 import math
 import os
 import sys
 
-from .errors import UserError
+from .errors import OneLineParser, UserError
 
 CURVES = (("train_loss", "training loss (estimate)"),
           ("valid_loss", "validation loss (estimate)"),
@@ -101,13 +100,6 @@ def default_out(metrics_path):
     """model/model.metrics.jsonl -> model/model.metrics.png"""
     base, ext = os.path.splitext(metrics_path)
     return (base if ext == ".jsonl" else metrics_path) + ".png"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag gets one line on stderr (and exit 2), not the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def main(argv=None):
