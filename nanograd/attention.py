@@ -24,7 +24,7 @@ class AttentionCache(NamedTuple):
     dropout: object    # DropoutCache of the attention weights
 
 
-def _heads(x, W):
+def project_heads(x, W):
     """Project x (B, T, C) with every head's W (NH, hs, C) -> (B, NH, T, hs)."""
     B, T, C = x.shape
     NH, hs, _ = W.shape
@@ -32,7 +32,7 @@ def _heads(x, W):
     return y.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
 
 
-def _unheads(y):
+def merge_heads(y):
     """(B, NH, T, hs) -> (B*T, NH*hs), heads side by side (their concatenation)."""
     B, NH, T, hs = y.shape
     return y.transpose(0, 2, 1, 3).reshape(B * T, NH * hs)  # (B*T, NH*hs)
@@ -76,12 +76,12 @@ def attention_forward(x, Wq, Wk, Wv, dropout_p=0.0, rng=None, train=True):
     """
     B, T, C = x.shape
     NH, hs, _ = Wq.shape
-    q, k, v = _heads(x, Wq), _heads(x, Wk), _heads(x, Wv)  # (B, NH, T, hs) each
+    q, k, v = project_heads(x, Wq), project_heads(x, Wk), project_heads(x, Wv)  # (B, NH, T, hs) each
     preatt = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / hs ** 0.5)  # (B, NH, T, T)
     att = causal_softmax_forward(preatt)  # (B, NH, T, T)
     att_drop, dropout_cache = dropout_forward(att, dropout_p, rng, train)  # (B, NH, T, T)
     y = att_drop @ v  # (B, NH, T, hs)
-    out = _unheads(y).reshape(B, T, NH * hs)  # (B, T, NH*hs)
+    out = merge_heads(y).reshape(B, T, NH * hs)  # (B, T, NH*hs)
     return out, AttentionCache(x, Wq, Wk, Wv, q, k, v, att, dropout_cache)
 
 
@@ -112,7 +112,7 @@ def attention_backward(dout, cache):
     dx = 0
     dW = []
     for dz, W in ((dq, Wq), (dk, Wk), (dv, Wv)):
-        dz2 = _unheads(dz)  # (B*T, NH*hs)
+        dz2 = merge_heads(dz)  # (B*T, NH*hs)
         dW.append((dz2.T @ x2).reshape(NH, hs, C))  # (NH, hs, C)
         dx = dx + dz2 @ W.reshape(NH * hs, C)  # (B*T, C)
     return (dx.reshape(B, T, C), *dW)

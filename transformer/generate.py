@@ -12,6 +12,7 @@ re-encodes the last context_length ids, exactly as the uncached loop does.
 import numpy as np
 
 from nanograd import layernorm_forward, linear_forward, relu_forward
+from nanograd.attention import merge_heads, project_heads
 from nanograd.backend import get_array_module, to_host
 
 
@@ -80,11 +81,10 @@ class KVCache:
             Wq, Wk, Wv = model.qkv[i]  # (NH, hs, C) each
             NH, hs, C = Wq.shape
             h = layernorm_forward(x, p[blk + "ln1.weight"], p[blk + "ln1.bias"])[0]  # (B, t, C)
-            q, K[:, :, start:end], V[:, :, start:end] = (
-                (h @ W.reshape(NH * hs, C).T).reshape(B, t, NH, hs).transpose(0, 2, 1, 3)
-                for W in (Wq, Wk, Wv))  # (B, NH, t, hs) each
+            q, k, v = project_heads(h, Wq), project_heads(h, Wk), project_heads(h, Wv)  # (B, NH, t, hs)
+            K[:, :, start:end], V[:, :, start:end] = k, v  # remember this step's keys and values
             y = attend(q, K[:, :, :end], V[:, :, :end], start)  # (B, NH, t, hs)
-            y = y.transpose(0, 2, 1, 3).reshape(B, t, NH * hs)  # (B, t, C) heads concatenated
+            y = merge_heads(y).reshape(B, t, NH * hs)  # (B, t, C) heads concatenated
             x = x + linear_forward(y, p[blk + "mha.projection_layer.weight"],
                                    p[blk + "mha.projection_layer.bias"])[0]  # (B, t, C)
             h = layernorm_forward(x, p[blk + "ln2.weight"], p[blk + "ln2.bias"])[0]  # (B, t, C)

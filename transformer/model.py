@@ -162,9 +162,8 @@ class Model:
         self.qkv = []  # per block: (3, NH, hs, C) storage behind the per-head views
         for i in range(NB):
             blk = f"transformer_blocks.{i}."
-            qkv = xp.asarray(np.stack([np.stack([init[blk + f"mha.heads.{h}.{W}.weight"]
-                                                 for h in range(NH)]) for W in ("Wq", "Wk", "Wv")]),
-                             dtype=self.dtype)  # (3, NH, hs, C)
+            qkv = xp.asarray(np.array([[init[blk + f"mha.heads.{h}.{W}.weight"] for h in range(NH)]
+                                       for W in ("Wq", "Wk", "Wv")]), dtype=self.dtype)  # (3, NH, hs, C)
             self.qkv.append(qkv)
             for h in range(NH):
                 for j, W in enumerate(("Wq", "Wk", "Wv")):
