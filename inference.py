@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from nanograd.backend import BackendError, get_backend
-from transformer.errors import OneLineParser, UserError
+from transformer.errors import OneLineParser, UserError, run_command
 from transformer.state import build_model, load_state
 from transformer.tokenizer import encode_prompt, get_tokenizer
 
@@ -77,4 +77,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

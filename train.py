@@ -22,7 +22,7 @@ from nanograd.backend import BackendError, get_backend, make_rng
 from nanograd.clip import clip_grad_norm, grad_norm
 from transformer import Model
 from transformer.data import check_splits, default_corpus, get_batch, read_text, split, tokenize
-from transformer.errors import CheckpointError, OneLineParser, UserError
+from transformer.errors import CheckpointError, OneLineParser, UserError, run_command
 from transformer.schedule import learning_rate
 from transformer.state import load_state, restore_optimizer, save_state
 from transformer.tokenizer import get_tokenizer
@@ -327,4 +327,4 @@ def start_wandb(project, h_params, settings):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

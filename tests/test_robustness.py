@@ -647,3 +647,24 @@ def test_fuzz_read_text(tmp_path, blob):
         assert not decoded.strip(), "valid, non-blank UTF-8 was refused"
     else:
         assert isinstance(text, str) and text == blob.decode("utf-8") and text.strip()
+
+
+@pytest.mark.parametrize("args", [["inference.py", "--max-new-tokens", "5"], ["train.py", "--help"]])
+def test_closed_stdout_pipe_is_not_a_traceback(args, tmp_path):
+    """`python inference.py ... | head -1`: the reader is gone; no traceback on stderr.
+
+    The pipe's reading end is closed before the script starts, so its first
+    write to stdout fails for certain (no race with a fast script)."""
+    ckpt = tmp_path / "m.ckpt"
+    from transformer import Model
+    from transformer.state import save_state
+    save_state(ckpt, Model(dict(d_model=16, num_blocks=1, num_heads=2, context_length=8, max_token_value=100300)))
+    extra = ["--ckpt", str(ckpt)] if args[0] == "inference.py" else []
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = subprocess.run([sys.executable, str(REPO / args[0]), *args[1:], *extra], stdout=write_end,
+                          stderr=subprocess.PIPE, cwd=tmp_path, timeout=120)
+    os.close(write_end)
+    err = proc.stderr.decode()
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert proc.returncode == (1 if args[0] == "inference.py" else 0)  # argparse's help ignores the error

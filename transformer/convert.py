@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from .errors import CheckpointError, OneLineParser, UserError
+from .errors import CheckpointError, OneLineParser, UserError, run_command
 from .checkpoint import MAGIC
 from .model import Model, parameter_shapes, validate_h_params
 from .state import build_model, load_state, save_state
@@ -91,4 +91,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -4,6 +4,8 @@ Top-level scripts catch `UserError`, print it to stderr and exit with status 2,
 so its message must be one sentence that names the problem and what to do.
 """
 import argparse
+import os
+import sys
 
 
 
@@ -20,3 +22,16 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def run_command(main):
+    """sys.exit(main()), quietly when the reader of stdout goes away (`... | head`)."""
+    try:
+        try:
+            code = main()
+        finally:
+            sys.stdout.flush()  # a closed pipe shows up here (also after --help), not at exit
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        sys.exit(1)
+    sys.exit(code)

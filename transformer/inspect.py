@@ -13,7 +13,7 @@ import numpy as np
 
 from nanograd.backend import BackendError, get_backend, to_host
 
-from .errors import OneLineParser, UserError
+from .errors import OneLineParser, UserError, run_command
 from .state import build_model, load_state
 from .tokenizer import encode_prompt, get_tokenizer
 
@@ -80,4 +80,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

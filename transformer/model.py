@@ -198,7 +198,7 @@ class Model:
     # ---- forward ----------------------------------------------------------
     def hidden(self, idx):
         """Everything up to the final LayerNorm: (B, T) ids -> x (B, T, C) and the caches."""
-        p, xp, drop, train = self.params, self.xp, self.dropout, self.training
+        p, drop, train = self.params, self.dropout, self.training
         B, T = idx.shape
         if T > self.context_length:
             raise ValueError(f"sequence length {T} exceeds context_length {self.context_length}")

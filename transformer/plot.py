@@ -14,7 +14,7 @@ import math
 import os
 import sys
 
-from .errors import OneLineParser, UserError
+from .errors import OneLineParser, UserError, run_command
 
 CURVES = (("train_loss", "training loss (estimate)"),
           ("valid_loss", "validation loss (estimate)"),
@@ -120,4 +120,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)
