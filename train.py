@@ -24,7 +24,7 @@ from transformer import Model
 from transformer.data import check_splits, default_corpus, get_batch, read_text, split, tokenize
 from transformer.errors import CheckpointError, OneLineParser, UserError, run_command
 from transformer.schedule import learning_rate
-from transformer.state import load_state, restore_optimizer, save_state
+from transformer.state import load_params, load_state, restore_optimizer, save_state
 from transformer.tokenizer import get_tokenizer
 
 # The book's h_params (ch.19), each with a flag of the same name.
@@ -134,16 +134,19 @@ def describe_backend(xp):
 
 
 def full_loss(model, data, context_length, batch_size):
-    """Mean loss over every token of data in order: consecutive windows, the last one shorter."""
-    starts = list(range(0, len(data) - 1, context_length))
-    total, count = 0.0, 0
-    for s in starts:
-        T = min(context_length, len(data) - 1 - s)
-        x = data[s:s + T][None]  # (1, T)
-        y = data[s + 1:s + T + 1][None]  # (1, T)
-        total += model(x, y)[1] * T
-        count += T
-    return total / count
+    """Mean loss over every token of data in order: consecutive windows of context_length,
+    batch_size of them per forward, then the shorter rest."""
+    n = len(data) - 1  # positions that have a next token
+    T, windows = context_length, n // context_length
+    total = 0.0
+    for first in range(0, windows, batch_size):
+        starts = np.arange(first, min(first + batch_size, windows))[:, None] * T  # (B, 1)
+        index = starts + np.arange(T)  # (B, T)
+        total += model(data[index], data[index + 1])[1] * index.size
+    rest = n - windows * T
+    if rest:
+        total += model(data[windows * T:n][None], data[windows * T + 1:][None])[1] * rest
+    return total / n
 
 
 def main(argv=None):
@@ -196,8 +199,7 @@ def train(args):
     optimizer = AdamW(model.params, lr=s["learning_rate"])
     start = 0
     if args.resume:
-        for name, p in model.params.items():
-            p[...] = xp.asarray(saved_tensors[f"params/{name}"], dtype=p.dtype)
+        load_params(model, saved_tensors)
         restore_optimizer(optimizer, saved_tensors, saved_meta, args.resume)
         start = saved_meta["step"]
         print(f"Resuming {args.resume} at step {start}")

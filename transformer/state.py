@@ -66,9 +66,14 @@ def load_state(path):
 def build_model(tensors, meta, backend="numpy", dtype=None):
     """A Model with the checkpoint's h_params and weights (in dtype, default the saved one)."""
     model = Model(meta["h_params"], backend=backend, dtype=dtype or meta.get("dtype", "float32"))
+    load_params(model, tensors)
+    return model
+
+
+def load_params(model, tensors):
+    """Copy the checkpoint's params/<name> tensors into the model's arrays, in place."""
     for name, p in model.params.items():
         p[...] = model.xp.asarray(tensors[f"params/{name}"], dtype=p.dtype)
-    return model
 
 
 def restore_optimizer(optimizer, tensors, meta, path):
