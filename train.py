@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -316,7 +317,10 @@ def progress_bar(start, total, enabled):
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+    if shutil.get_terminal_size((0, 0)).columns > 0:
+        return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+    # a terminal that reports no size (0 x 0) would hide the bar: assume 80 x 24
+    return tqdm(total=total, initial=start, unit="step", ncols=80, nrows=24)
 
 
 def start_wandb(project, h_params, settings):

@@ -596,10 +596,12 @@ def read_pty(master, proc, timeout=60):
     return b"".join(chunks).decode("utf-8", "replace")
 
 
-@pytest.mark.parametrize("flag", [[], ["--no-progress"]], ids=["bar", "no-progress"])
-def test_progress_bar_on_a_terminal(tmp_path, files, flag):
+@pytest.mark.parametrize("flag, rows_cols", [([], (24, 120)), ([], (0, 0)), (["--no-progress"], (24, 120))],
+                         ids=["bar", "bar-unsized-terminal", "no-progress"])
+def test_progress_bar_on_a_terminal(tmp_path, files, flag, rows_cols):
+    """A terminal that reports 0 x 0 (e.g. `script` without a tty) still gets a visible bar."""
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", *rows_cols, 0, 0))
     try:
         proc = subprocess.Popen([sys.executable, "train.py", "--data", str(files["data"]),
                                  "--out", str(tmp_path / "m.ckpt"), *TINY, "--compact-vocab",
