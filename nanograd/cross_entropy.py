@@ -1,7 +1,6 @@
 """Softmax cross-entropy, fused: mean over positions of -log softmax(logits)[target]."""
-from typing import NamedTuple
-
 import os
+from typing import NamedTuple
 
 import numpy as np
 
