@@ -25,7 +25,7 @@ from transformer import Model
 from transformer.data import check_splits, default_corpus, get_batch, read_text, split, tokenize
 from transformer.errors import CheckpointError, OneLineParser, UserError, run_command
 from transformer.schedule import learning_rate
-from transformer.state import load_params, load_state, restore_optimizer, save_state
+from transformer.state import check_resumable, load_params, load_state, restore_optimizer, save_state
 from transformer.tokenizer import get_tokenizer
 
 # The book's h_params (ch.19), each with a flag of the same name.
@@ -168,9 +168,8 @@ def train(args):
 
     # ---- settings: flags, else the resumed run's, else the book's ---------------------------
     saved_tensors, saved_meta = load_state(args.resume) if args.resume else (None, {})
-    if args.resume and not saved_meta.get("adamw"):
-        raise CheckpointError(f"checkpoint {args.resume} has no optimizer state, so it cannot resume a run; "
-                              "inference.py can still use it")
+    if args.resume:
+        check_resumable(saved_tensors, saved_meta, args.resume)  # before any work
     s = resolve_settings(args, saved_meta.get("run", {}))
     check_settings(s)
     out = args.out or args.resume or os.path.join("model", "model.ckpt")

@@ -133,10 +133,8 @@ def standard_cases(xp, seed=0):
     def attention_fwd(x, Wq, Wk, Wv):
         return attention_forward(x, Wq, Wk, Wv, p, make_rng(xp, seed))
 
-    def keep_mask(fwd, *args):  # our dropout mask, as a torch constant
+    def as_torch(keep):  # our dropout mask, as a torch constant
         import torch
-        keep = fwd(*args)[1]
-        keep = keep.keep if hasattr(keep, "keep") else keep.dropout.keep
         return torch.tensor(to_host(keep))
 
     def torch_attention(x, Wq, Wk, Wv):
@@ -144,7 +142,7 @@ def standard_cases(xp, seed=0):
         q, k, v = (torch.einsum("btc,nhc->bnth", x, W) for W in (Wq, Wk, Wv))
         preatt = q @ k.transpose(-2, -1) / hs ** 0.5
         preatt = preatt.masked_fill(torch.ones(T, T).tril() == 0, float("-inf"))
-        att = torch.softmax(preatt, dim=-1) * keep_mask(attention_fwd, *att_inputs)
+        att = torch.softmax(preatt, dim=-1) * as_torch(attention_fwd(*att_inputs)[1].dropout.keep)
         return (att @ v).transpose(1, 2).reshape(B, T, NH * hs)
 
     def torch_cross_entropy(logits, targets):
@@ -168,7 +166,7 @@ def standard_cases(xp, seed=0):
          [0, 1, 2], ["x", "W", "b"], torch_linear),
         ("relu", relu_forward, relu_backward, [relu_x], [0], ["x"], lambda x: x.clamp(min=0)),
         ("dropout", dropout_fwd, dropout_backward, drop_inputs, [0], ["x"],
-         lambda x: x * keep_mask(dropout_fwd, *drop_inputs)),
+         lambda x: x * as_torch(dropout_fwd(*drop_inputs)[1].keep)),
         ("layernorm", layernorm_forward, layernorm_backward,
          [randn(B, T, C), 1 + randn(C), randn(C)], [0, 1, 2], ["x", "w", "b"], torch_layernorm),
         ("attention", attention_fwd, attention_backward, att_inputs, [0, 1, 2, 3],

@@ -76,11 +76,17 @@ def load_params(model, tensors):
         p[...] = model.xp.asarray(tensors[f"params/{name}"], dtype=p.dtype)
 
 
-def restore_optimizer(optimizer, tensors, meta, path):
-    """Load AdamW's moments and step count saved by save_state into optimizer."""
-    if not meta.get("adamw") or any(f"adamw/m/{name}" not in tensors for name in optimizer.params):
+def check_resumable(tensors, meta, path):
+    """CheckpointError unless the checkpoint holds AdamW's state for every parameter."""
+    names = parameter_shapes(meta["h_params"])
+    if not meta.get("adamw") or any(f"adamw/{m}/{name}" not in tensors for name in names for m in "mv"):
         raise CheckpointError(f"checkpoint {path} has no optimizer state, so it cannot resume a run; "
                               "it can still be used by inference.py")
+
+
+def restore_optimizer(optimizer, tensors, meta, path):
+    """Load AdamW's moments and step count saved by save_state into optimizer."""
+    check_resumable(tensors, meta, path)
     state = dict(meta["adamw"],
                  m={name: tensors[f"adamw/m/{name}"] for name in optimizer.params},
                  v={name: tensors[f"adamw/v/{name}"] for name in optimizer.params})
