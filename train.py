@@ -16,6 +16,10 @@ import signal
 import sys
 import time
 
+# nanograd splits its big kernels over the CPU cores itself; a BLAS that also ran threads
+# would fight it for the same cores (and its idle threads spin).  Set before NumPy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import numpy as np
 
 from nanograd import AdamW
@@ -195,7 +199,7 @@ def train(args):
     if args.resume:
         h_params["max_token_value"] = saved_meta["h_params"]["max_token_value"]
     model = Model(h_params, backend=args.backend, dtype=s["dtype"], seed=s["seed"])
-    model.reuse_logits = True  # the loop never keeps logits: skip allocating 100 MB a step
+    model.return_logits = False  # the loop needs only the loss: the output layer and loss run fused
     optimizer = AdamW(model.params, lr=s["learning_rate"])
     start = 0
     if args.resume:

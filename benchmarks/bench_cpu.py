@@ -21,6 +21,10 @@ import subprocess
 import sys
 import time
 
+# nanograd splits its big kernels over the CPU cores itself; a BLAS that also ran threads
+# would fight it for the same cores (and its idle threads spin).  Set before NumPy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -54,7 +58,7 @@ def make_numpy(cfg, vocab):
     from nanograd import AdamW
     from transformer import Model
     model = Model({**cfg, "max_token_value": vocab}, dtype="float32", seed=0)
-    model.reuse_logits = True  # as train.py does
+    model.return_logits = False  # as train.py does
     opt = AdamW(model.params, lr=1e-3)
 
     def step(x, y):

@@ -76,7 +76,7 @@ def bench_config(cp, torch, name, cfg, vocab, steps, warmup, sync):
 
     h = {**{k: v for k, v in cfg.items() if k != "batch_size"}, "max_token_value": vocab}
     model = Model(h, backend="cupy", dtype="float32", seed=0)
-    model.reuse_logits = True  # as train.py does
+    model.return_logits = False  # as train.py does
     opt = AdamW(model.params, lr=1e-3)
     tmodel = book_torch.Model(h).cuda()
     book_torch.load_numpy_params(tmodel, {k: to_host(v) for k, v in model.params.items()})

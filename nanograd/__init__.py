@@ -13,4 +13,5 @@ from .dropout import dropout_forward, dropout_backward
 from .embedding import embedding_forward, embedding_backward
 from .layernorm import layernorm_forward, layernorm_backward
 from .linear import linear_forward, linear_backward
+from .linear_cross_entropy import linear_cross_entropy_forward, linear_cross_entropy_backward
 from .relu import relu_forward, relu_backward

@@ -3,8 +3,8 @@ import numpy as np
 
 from .backend import fused_kernels, get_array_module, parallel
 
-BLOCK = 1 << 15  # elements per block of the CPU path: p, m, v, g and scratch stay in L2 cache
-PART = 1 << 20   # elements per task handed to a CPU thread
+BLOCK = 1 << 16  # elements per block of the CPU path: p, m, v, g and scratch (5 x 256 KB) stay in L2 cache
+PART = 1 << 21   # elements per task handed to a CPU thread
 
 
 def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):

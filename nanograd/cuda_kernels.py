@@ -10,7 +10,6 @@ module only for CuPy arrays and only while ``backend.use_fused_kernels`` is on
     layernorm_forward / layernorm_backward          one block per row (+ column sums for dw, db)
     causal_softmax_forward / causal_softmax_backward  one warp per row of attention scores
     cross_entropy_forward / cross_entropy_backward  one block per row of V logits
-    cross_entropy_forward_into / ..._backward_into    (the model's buffer-reusing pair), likewise
     adamw_update                                    one elementwise kernel per parameter
 
 The CUDA source is written once for a type ``real`` and compiled, on first
@@ -182,7 +181,7 @@ extern "C" __global__ void causal_softmax_backward(
 // ---- softmax cross-entropy over rows of V logits: one block per row ---------------
 // One read for the row max and sum(exp(x - max)) together (each thread rescales
 // its running sum when its max grows), one more to write exp(x - max), divided
-// by the sum when normalize (the probabilities) or not (cross_entropy_forward_into).
+// by the sum when normalize (the probabilities) or not.
 extern "C" __global__ void cross_entropy_forward(
         const real* logits, const long long* targets, real* out, real* sumexps, real* losses,
         long long N, long long V, int normalize) {
@@ -219,20 +218,6 @@ extern "C" __global__ void cross_entropy_backward(
         real p = probs[n * V + j];
         if (j == target) p -= 1;
         dlogits[n * V + j] = p * scale;
-    }
-}
-
-// cross_entropy_backward_into: exp becomes exp * (scale / sumexp) - onehot * scale in place,
-// each operation rounded on its own as the plain version rounds it
-extern "C" __global__ void cross_entropy_backward_into(
-        real* exp_dlogits, const real* sumexp, const long long* targets, long long N, long long V, real scale) {
-    long long n = blockIdx.x;
-    if (n >= N) return;
-    long long target = targets[n];
-    real row_scale = scale / sumexp[n];
-    for (long long j = threadIdx.x; j < V; j += blockDim.x) {
-        real d = mul_rn(exp_dlogits[n * V + j], row_scale);
-        exp_dlogits[n * V + j] = j == target ? d - scale : d;
     }
 }
 """
@@ -383,32 +368,6 @@ def cross_entropy_backward(dloss, cache):
             (cupy.ascontiguousarray(probs), cupy.ascontiguousarray(cupy.asarray(targets), dtype=cupy.int64),
              dlogits, np.int64(N), np.int64(V), _scale(dloss, N, probs.dtype)))
     return dlogits
-
-
-def cross_entropy_forward_into(logits, targets, exp):
-    """nanograd.cross_entropy.cross_entropy_forward_into in one kernel and a mean.
-
-    exp (N, V) receives exp(logits - rowmax); returns (loss, CrossEntropyBuffersCache).
-    """
-    from .cross_entropy import CrossEntropyBuffersCache
-    out = exp if exp.flags.c_contiguous else cupy.empty(exp.shape, dtype=exp.dtype)  # (N, V)
-    loss, sumexp, targets = _cross_entropy_rows(logits, targets, out, normalize=False)
-    if out is not exp:
-        exp[...] = out
-    return loss, CrossEntropyBuffersCache(exp, sumexp, targets)
-
-
-def cross_entropy_backward_into(dloss, cache):
-    """nanograd.cross_entropy.cross_entropy_backward_into in one kernel: cache.exp becomes dlogits."""
-    exp, sumexp, targets = cache
-    N, V = exp.shape
-    out = exp if exp.flags.c_contiguous else cupy.ascontiguousarray(exp)  # (N, V)
-    _launch(_kernel("cross_entropy_backward_into", exp.dtype), (N,), _threads(V, 1024),
-            (out, cupy.ascontiguousarray(sumexp), cupy.ascontiguousarray(cupy.asarray(targets), dtype=cupy.int64),
-             np.int64(N), np.int64(V), _scale(dloss, N, exp.dtype)))
-    if out is not exp:
-        exp[...] = out
-    return exp  # (N, V) dlogits
 
 
 # ---- AdamW ----------------------------------------------------------------------------

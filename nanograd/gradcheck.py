@@ -113,6 +113,7 @@ def standard_cases(xp, seed=0):
                    cross_entropy_backward, dropout_forward, dropout_backward,
                    embedding_forward, embedding_backward, layernorm_forward,
                    layernorm_backward, linear_forward, linear_backward,
+                   linear_cross_entropy_forward, linear_cross_entropy_backward,
                    relu_forward, relu_backward)
     rng = np.random.default_rng(seed)
     B, T, C, NH, V = 2, 5, 8, 2, 11
@@ -149,6 +150,13 @@ def standard_cases(xp, seed=0):
         import torch
         return torch.nn.functional.cross_entropy(logits, targets)
 
+    def linear_cross_entropy_fwd(x, W, b, targets):  # chunks of 4 columns: 3 chunks of the 11
+        return linear_cross_entropy_forward(x, W, b, targets, xp.empty((B * T, V)), vchunk=4)
+
+    def torch_linear_cross_entropy(x, W, b, targets):
+        import torch
+        return torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, W, b).reshape(B * T, V), targets)
+
     def torch_layernorm(x, w, b):
         import torch
         return torch.nn.functional.layer_norm(x, (C,), w, b, eps=1e-5)
@@ -174,6 +182,9 @@ def standard_cases(xp, seed=0):
         ("cross_entropy", cross_entropy_forward, cross_entropy_backward,
          [randn(B * T, V) * 3, xp.asarray(rng.integers(0, V, size=B * T))], [0], ["logits"],
          torch_cross_entropy),
+        ("linear_cross_entropy", linear_cross_entropy_fwd, linear_cross_entropy_backward,
+         [randn(B, T, C), randn(V, C), randn(V), xp.asarray(rng.integers(0, V, size=B * T))], [0, 1, 2],
+         ["x", "W", "b"], torch_linear_cross_entropy),
     ]
 
 
@@ -183,12 +194,12 @@ def run(xp=np, seed=0, file=None):
     rows = []
     for kernel, forward, backward, inputs, wrt, names, torch_forward in standard_cases(xp, seed):
         rows += check_kernel(kernel, forward, backward, inputs, wrt, names, torch_forward, seed)
-    header = f"{'kernel':<14}{'input':<8}{'max abs err':>13}{'max rel err':>13}  {'worst index':<14}{'vs torch':>11}  result"
+    header = f"{'kernel':<22}{'input':<8}{'max abs err':>13}{'max rel err':>13}  {'worst index':<14}{'vs torch':>11}  result"
     print(header, file=file)
     print("-" * len(header), file=file)
     for r in rows:
         torch_text = "n/a" if np.isnan(r.torch_abs) else f"{r.torch_abs:.1e}"
-        print(f"{r.kernel:<14}{r.input:<8}{r.max_abs:>13.1e}{r.max_rel:>13.1e}  {str(r.worst_index):<14}"
+        print(f"{r.kernel:<22}{r.input:<8}{r.max_abs:>13.1e}{r.max_rel:>13.1e}  {str(r.worst_index):<14}"
               f"{torch_text:>11}  {'ok' if r.ok else 'FAIL'}", file=file)
     failed = [r for r in rows if not r.ok]
     print(f"\n{len(rows) - len(failed)} of {len(rows)} gradients agree with finite differences "

@@ -57,7 +57,7 @@ def test_command_line_prints_one_row_per_input():
     assert [(r[0], r[1]) for r in rows] == expected_rows()
     assert all(r[-1] == "ok" for r in rows)
     n = len(rows)
-    assert n == 14
+    assert n == 17
     assert f"{n} of {n} gradients agree" in result.stdout
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanograd import AdamW
+from nanograd import AdamW, linear_cross_entropy
 from nanograd.backend import make_rng, to_host
 from transformer import book_torch
 from transformer.model import Model, position_table
@@ -87,18 +87,30 @@ ORACLE_CASES = {
 }
 
 
+@pytest.fixture(params=["logits", "fused"])
+def return_logits(request, monkeypatch):
+    """Model.return_logits: True (the book's forward), or False, as train.py runs it: the
+    output layer and loss fused, in chunks of 5 columns so a row spans several."""
+    monkeypatch.setattr(linear_cross_entropy, "VCHUNK", 5)
+    return request.param == "logits"
+
+
 @pytest.mark.parametrize("case", list(ORACLE_CASES))
-def test_float64_matches_torch_oracle(case):
+def test_float64_matches_torch_oracle(case, return_logits):
     overrides, B, T, id_range = ORACLE_CASES[case]
     h = {**BASE, **overrides}
     model = Model(h, dtype="float64", seed=1)
+    model.return_logits = return_logits
     torch_model = oracle(model)
     x, y = tokens(np.random.default_rng(2), B, T, id_range or h["max_token_value"])
     logits, loss = model(x, y)
     grads = model.backward()
     t_logits, t_loss, t_grads = torch_forward_backward(torch_model, x, y)
-    assert logits.shape == (B, T, h["max_token_value"])
-    assert_close(logits, t_logits, RTOL64, ATOL64_SCALE, "logits")
+    if return_logits:
+        assert logits.shape == (B, T, h["max_token_value"])
+        assert_close(logits, t_logits, RTOL64, ATOL64_SCALE, "logits")
+    else:
+        assert logits is None
     assert abs(loss - t_loss) <= RTOL64 * abs(t_loss), (loss, t_loss)
     assert list(grads) == list(t_grads)  # every named parameter, in torch's order
     for name in t_grads:
@@ -123,10 +135,11 @@ def test_float32_model_matches_float64_oracle():
         assert_close(grads[name], t_grads[name], RTOL32, ATOL32_SCALE, f"d{name}")
 
 
-def test_ten_adamw_steps_match_torch():
+def test_ten_adamw_steps_match_torch(return_logits):
     """llm.c's test_gpt2: several optimizer steps, new random batches each, losses and final weights."""
     h = {**BASE, "num_blocks": 1}
     model = Model(h, dtype="float64", seed=5)
+    model.return_logits = return_logits
     torch_model = oracle(model)
     lr = 1e-2  # large enough that 10 steps move every weight well past rounding
     optimizer = AdamW(model.params, lr=lr)

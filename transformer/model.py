@@ -20,7 +20,8 @@ from nanograd import (attention_backward, attention_forward, dropout_backward, d
                       layernorm_forward, linear_backward, linear_forward, relu_backward,
                       relu_forward)
 from nanograd.backend import get_backend, make_rng
-from nanograd.cross_entropy import cross_entropy_backward_into, cross_entropy_forward_into
+from nanograd.cross_entropy import cross_entropy_backward, cross_entropy_forward
+from nanograd.linear_cross_entropy import linear_cross_entropy_backward, linear_cross_entropy_forward
 
 from .errors import UserError
 
@@ -118,7 +119,7 @@ class ForwardCache(NamedTuple):
     emb: object
     blocks: list
     ln_final: object
-    head: object
+    head: object  # None when the output layer and the loss ran fused (return_logits False)
     loss: object  # None when forward had no targets
 
 
@@ -133,15 +134,17 @@ class Model:
 
     model.rng is the dropout generator; train.py reseeds it every step.
 
-    The three (V, ...) arrays of a step live in buffers kept between steps
-    (the softmax work of the loss, and the gradients of the embedding and
-    of the output layer), since allocating 30-100 MB afresh every step
-    costs more than the arithmetic on them.  So, like PyTorch's .grad, the
-    arrays backward() returns are overwritten by the next backward(): copy
-    them to keep them.  With reuse_logits = True (train.py sets it), a
-    forward with targets also writes its logits into a kept buffer, which
-    the next such forward overwrites; by default every forward returns
-    fresh logits.
+    With return_logits = False (train.py sets it), a forward with targets
+    returns (None, loss): the output layer and the loss run fused, a slice
+    of the vocabulary at a time (nanograd/linear_cross_entropy.py), in a
+    (B*T, V) work buffer kept between steps.  By default a forward returns
+    the logits, as the book's does.
+
+    The gradients of the embedding and of the output layer, 30 MB each in
+    the book's config, live in buffers kept between steps too, since
+    allocating them afresh costs more than the arithmetic on them.  So,
+    like PyTorch's .grad, the arrays backward() returns are overwritten by
+    the next backward(): copy them to keep them.
     """
 
     def __init__(self, h_params, backend="numpy", dtype="float32", seed=0):
@@ -172,7 +175,7 @@ class Model:
                        for name, value in init.items()}  # the book's order of names
         self.cache = None
         self.buffers = {}
-        self.reuse_logits = False
+        self.return_logits = True
 
     def buffer(self, name, shape):
         """A reusable work array: the same one every call with the same shape."""
@@ -230,23 +233,24 @@ class Model:
     def __call__(self, idx, targets=None):
         """(B, T) ids [, (B, T) targets] -> logits (B, T, V), loss (float or None).
 
-        The logits are a fresh array, unless reuse_logits is set and targets are given.
+        With targets and return_logits False, the logits are None.
         """
         idx = self.xp.asarray(idx)
-        x, emb_cache, blocks, ln_final = self.hidden(idx)
-        W = self.params["model_out_linear_layer.weight"]
-        reuse = self.reuse_logits and targets is not None
-        logits, head = linear_forward(x, W, self.params["model_out_linear_layer.bias"],
-                                      out=self.buffer("logits", x.shape[:2] + W.shape[:1]) if reuse else None)  # (B, T, V)
-        loss, loss_cache = None, None
+        x, emb_cache, blocks, ln_final = self.hidden(idx)  # (B, T, C)
+        B, T, C = x.shape
+        W, b = self.params["model_out_linear_layer.weight"], self.params["model_out_linear_layer.bias"]
+        logits = head = loss = loss_cache = None
         if targets is not None:
-            B, T, V = logits.shape
             targets = self.xp.asarray(targets).reshape(B * T)  # (B*T,)
-            loss, loss_cache = cross_entropy_forward_into(logits.reshape(B * T, V), targets,
-                                                          self.buffer("dlogits", (B * T, V)))
-            loss = float(loss)
+        if targets is not None and not self.return_logits:  # output layer and loss fused
+            work = self.buffer("work", (B * T, W.shape[0]))  # (B*T, V)
+            loss, loss_cache = linear_cross_entropy_forward(x, W, b, targets, work)
+        else:
+            logits, head = linear_forward(x, W, b)  # (B, T, V)
+            if targets is not None:
+                loss, loss_cache = cross_entropy_forward(logits.reshape(B * T, -1), targets)
         self.cache = ForwardCache(emb_cache, blocks, ln_final, head, loss_cache)
-        return logits, loss
+        return logits, None if loss is None else float(loss)
 
     forward = __call__
 
@@ -263,11 +267,14 @@ class Model:
             raise RuntimeError("backward() needs a forward with targets first")
         grads = {}
         NB, NH = self.h_params["num_blocks"], self.h_params["num_heads"]
-        dlogits = cross_entropy_backward_into(1.0, cache.loss)  # (B*T, V)
-        B, T, C = cache.head.x.shape
-        dx, grads["model_out_linear_layer.weight"], grads["model_out_linear_layer.bias"] = \
-            linear_backward(dlogits.reshape(B, T, -1), cache.head,
-                            dW_out=self.buffer("dW_head", cache.head.W.shape))  # (B, T, C)
+        B, T, _ = cache.ln_final.x.shape
+        dW_head = self.buffer("dW_head", self.params["model_out_linear_layer.weight"].shape)  # (V, C)
+        if cache.head is None:  # the output layer and the loss ran fused
+            dx, dW, db = linear_cross_entropy_backward(1.0, cache.loss, dW_out=dW_head)  # (B, T, C)
+        else:
+            dlogits = cross_entropy_backward(1.0, cache.loss)  # (B*T, V)
+            dx, dW, db = linear_backward(dlogits.reshape(B, T, -1), cache.head, dW_out=dW_head)  # (B, T, C)
+        grads["model_out_linear_layer.weight"], grads["model_out_linear_layer.bias"] = dW, db
         final = f"transformer_blocks.{NB}."
         dx, grads[final + "weight"], grads[final + "bias"] = layernorm_backward(dx, cache.ln_final)
         for i in reversed(range(NB)):
