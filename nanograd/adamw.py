@@ -4,7 +4,7 @@ import numpy as np
 from .backend import fused_kernels, get_array_module, parallel
 
 BLOCK = 1 << 16  # elements per block of the CPU path: p, m, v, g and scratch (5 x 256 KB) stay in L2 cache
-PART = 1 << 21   # elements per task handed to a CPU thread
+PART = 1 << 20   # elements per task handed to a CPU thread
 
 
 def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
@@ -59,6 +59,12 @@ def adamw_update_blocked(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
         pb -= tmp
 
 
+def _update_group(group, settings):
+    """adamw_update_blocked on each (p, g, m, v) of group: one CPU thread's task."""
+    for arrays in group:
+        adamw_update_blocked(*arrays, *settings)
+
+
 class AdamW:
     """opt = AdamW(params, lr=1e-3); opt.step(grads).
 
@@ -82,13 +88,13 @@ class AdamW:
     def step(self, grads):
         """One update of every parameter from grads (same names).
 
-        On NumPy the parameters are cut into parts of PART elements, and
-        the CPU threads update the parts at once (elementwise, so any cut
-        gives the same numbers).
+        On NumPy the parameters are cut into parts of at most PART elements,
+        small parameters grouped together, and the CPU threads update the
+        parts at once (elementwise, so any cut gives the same numbers).
         """
         self.t += 1
         settings = (self.lr, *self.betas, self.eps, self.weight_decay, self.t)
-        parts = []
+        groups, size = [[]], 0  # each group: (p, g, m, v) slices, PART elements in all
         for name, p in self.params.items():
             arrays = (p, grads[name], self.m[name], self.v[name])
             if not isinstance(p, np.ndarray):
@@ -96,8 +102,12 @@ class AdamW:
                 continue
             flat = [a.reshape(-1) for a in arrays]  # views: p, m, v are contiguous
             for start in range(0, p.size, PART):
-                parts.append((adamw_update_blocked, *(a[start:start + PART] for a in flat), *settings))
-        parallel(parts)
+                if size >= PART:
+                    groups.append([])
+                    size = 0
+                groups[-1].append([a[start:start + PART] for a in flat])
+                size += min(PART, p.size - start)
+        parallel([(_update_group, group, settings) for group in groups if group])
 
     def state_dict(self):
         """Everything needed to resume: hyperparameters, t, and m, v by name.
