@@ -141,25 +141,29 @@ def step_bytes(cfg, vocab, n_params):
 
 
 def measure_rates(cfg, vocab):
-    """(matmul FLOP/s on the output layer's shape, copy bytes/s)."""
+    """(matmul FLOP/s on the output layer's shape, copy bytes/s), each on all CPU threads.
+
+    BLAS runs single-threaded here, as in train.py, so each thread takes a
+    share of the vocabulary (of the bytes), as nanograd's kernels do.
+    """
+    from nanograd.backend import parallel, split_range
     rng = np.random.default_rng(0)
-    N = cfg["batch_size"] * cfg["context_length"]
+    N, threads = cfg["batch_size"] * cfg["context_length"], os.cpu_count() or 1
     x = rng.standard_normal((N, cfg["d_model"]), dtype=np.float32)
     W = rng.standard_normal((vocab, cfg["d_model"]), dtype=np.float32)
     out = np.empty((N, vocab), np.float32)
-    ts = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        np.matmul(x, W.T, out=out)
-        ts.append(time.perf_counter() - t0)
-    rate = 2 * N * cfg["d_model"] * vocab / np.median(ts)
     a, b = np.ones(64 << 20, np.float32), np.empty(64 << 20, np.float32)
-    ts = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        np.copyto(b, a)
-        ts.append(time.perf_counter() - t0)
-    return rate, 2 * a.nbytes / np.median(ts)
+
+    def median_seconds(tasks):
+        ts = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            parallel(tasks)
+            ts.append(time.perf_counter() - t0)
+        return np.median(ts)
+    product = median_seconds([(np.matmul, x, W[s:e].T, out[:, s:e]) for s, e in split_range(vocab, threads)])
+    copy = median_seconds([(np.copyto, b[s:e], a[s:e]) for s, e in split_range(a.size, threads)])
+    return 2 * N * cfg["d_model"] * vocab / product, 2 * a.nbytes / copy
 
 
 def machine():

@@ -18,11 +18,18 @@ the chunks are joined afterwards, on (N, chunks) numbers only:
     M = max over c of max_c,  S = sum over c of sum_c * exp(max_c - M)
     logsumexp = M + log S,    probs_c = exp_c * exp(max_c - M) / S
 
-The backward then walks the same chunks, scaling exp_c into
-dlogits_c = (probs_c - onehot) / N in place and feeding it, still in cache,
-to the output layer's three gradients (see linear_backward):
+The backward needs dlogits = (probs - onehot) * dloss / N in the output
+layer's three gradients (see linear_backward).  Its two terms go in apart,
+so dlogits is never written out: the dense one, probs_c = exp_c * r_c with
+r_c = exp(max_c - M) / S one number per row, is exp_c with its rows scaled,
+and a row scale can move onto the small factor of each product; the one-hot
+one touches only the rows of W and b at the targets.  With s = r_c * dloss / N:
 
-    dW_c = dlogits_c.T @ x,   db_c = colsum(dlogits_c),   dx += dlogits_c @ W_c
+    dW_c = exp_c.T @ (s * x),   db_c = s @ exp_c,   dx += s * (exp_c @ W_c)
+    then  dW[targets] -= x * dloss / N,   db[targets] -= dloss / N,   dx -= W[targets] * dloss / N
+
+(scatter-added: a target id can repeat).  The chunks' products read work,
+still in cache if the forward just wrote it, and leave it as it was.
 
 On CuPy arrays (a GPU has no cache to keep a chunk in) it is the plain pair
 of kernels.  BLAS must be single-threaded for the chunks' threads not to fight
@@ -33,7 +40,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backend import get_array_module, parallel, split_range
+from .backend import get_array_module, parallel, scatter_add, split_range
 from .cross_entropy import cross_entropy_backward, cross_entropy_forward
 from .linear import linear_backward, linear_forward
 
@@ -43,7 +50,7 @@ VCHUNK = 4096  # vocabulary columns per chunk: N = 256 rows of them (4 MB) stay 
 class LinearCrossEntropyCache(NamedTuple):
     x: object          # (..., C) as given
     W: object          # (V, C)
-    work: object       # (N, V) exp(logits_c - max_c), chunk by chunk; becomes dlogits in backward
+    work: object       # (N, V) exp(logits_c - max_c), chunk by chunk
     row_scale: object  # (N, chunks) exp(max_c - M) / S: turns exp_c into probs_c
     targets: object    # (N,) int
     vchunk: int        # columns per chunk
@@ -82,7 +89,7 @@ def linear_cross_entropy_forward(x, W, b, targets, work, vchunk=None):
     loss = mean_n(logsumexp(logits[n]) - logits[n, targets[n]]) with
     logits = x @ W.T + b, as linear_forward then cross_entropy_forward.
     work is a preallocated (N, V) array, N = number of positions; it ends
-    up holding the chunks' exponentials, which the backward consumes.
+    up holding the chunks' exponentials, which the backward reads.
     vchunk: vocabulary columns per chunk, VCHUNK by default (any width
     gives the same loss, to rounding).
     """
@@ -108,20 +115,16 @@ def linear_cross_entropy_forward(x, W, b, targets, work, vchunk=None):
 
 
 def _backward_chunks(dloss_over_N, cache, dW, db, dx, chunks):
-    """One thread's share of the backward: each chunk's dlogits, then its rows of dW and db and its term of dx."""
-    x, W, work, row_scale, targets, _ = cache
+    """One thread's share of the backward's dense term: rows of dW and db, and a partial dx, per chunk."""
+    x, W, work, row_scale, _, _ = cache
     x = x.reshape(-1, W.shape[1])  # (N, C)
-    rows = np.arange(x.shape[0])  # (N,)
-    ones = np.ones(x.shape[0], x.dtype)  # (N,)
     dx.fill(0)
     for c, s, e in chunks:
-        dlogits = work[:, s:e]  # (N, vchunk) holds exp_c
-        dlogits *= row_scale[:, c, None] * dloss_over_N  # probs_c * dloss / N
-        here = (targets >= s) & (targets < e)  # (N,)
-        dlogits[rows[here], targets[here] - s] -= dloss_over_N  # minus the one-hot, never built
-        np.matmul(dlogits.T, x, out=dW[s:e])  # (vchunk, C)
-        np.matmul(ones, dlogits, out=db[s:e])  # (vchunk,) summed over positions
-        dx += dlogits @ W[s:e]  # (N, C) this chunk's share of dlogits @ W
+        exp = work[:, s:e]  # (N, vchunk) exp_c from the forward
+        scale = row_scale[:, c] * dloss_over_N  # (N,) probs_c * dloss / N = exp_c * scale per row
+        np.matmul(exp.T, x * scale[:, None], out=dW[s:e])  # (vchunk, C)
+        np.matmul(scale, exp, out=db[s:e])  # (vchunk,)
+        dx += (exp @ W[s:e]) * scale[:, None]  # (N, C)
 
 
 def linear_cross_entropy_backward(dloss, cache, dW_out=None):
@@ -130,8 +133,8 @@ def linear_cross_entropy_backward(dloss, cache, dW_out=None):
         dlogits = (softmax(logits) - onehot(targets)) * dloss / N
         dx = dlogits @ W,   dW = dlogits.T @ x,   db = dlogits summed over positions
 
-    made chunk by chunk (see the module's docstring).  The cache's work
-    array is used up.  dW_out, if given, is a (V, C) array that receives dW.
+    made chunk by chunk (see the module's docstring).  The cache is only
+    read.  dW_out, if given, is a (V, C) array that receives dW.
     """
     if isinstance(cache, ComposedCache):
         dlogits = cross_entropy_backward(dloss, cache.loss)  # (N, V)
@@ -142,6 +145,12 @@ def linear_cross_entropy_backward(dloss, cache, dW_out=None):
     db = np.empty(V, x.dtype)  # (V,)
     shares = chunk_ranges(V, cache.vchunk)
     dx_parts = np.empty((len(shares), N, C), x.dtype)  # (threads, N, C) one partial sum per thread
-    parallel([(_backward_chunks, float(dloss) / N, cache, dW, db, dx_part, ranges)
+    dloss_over_N = float(dloss) / N
+    parallel([(_backward_chunks, dloss_over_N, cache, dW, db, dx_part, ranges)
               for dx_part, ranges in zip(dx_parts, shares)])
-    return dx_parts.sum(axis=0).reshape(x.shape), dW, db  # (..., C), (V, C), (V,)
+    dx = dx_parts.sum(axis=0)  # (N, C)
+    targets, x2 = cache.targets, x.reshape(N, C)  # (N,), (N, C)
+    scatter_add(dW, targets, x2 * -dloss_over_N)  # minus the one-hot term: only the target rows
+    scatter_add(db, targets, np.full(N, -dloss_over_N, x.dtype))
+    dx -= W[targets] * dloss_over_N
+    return dx.reshape(x.shape), dW, db  # (..., C), (V, C), (V,)

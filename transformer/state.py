@@ -29,8 +29,8 @@ def save_state(path, model, optimizer=None, step=0, run=None, vocab=None):
         for name in model.params:
             tensors[f"adamw/m/{name}"] = to_host(optimizer.m[name])
             tensors[f"adamw/v/{name}"] = to_host(optimizer.v[name])
-        state = optimizer.state_dict()
-        adamw = {key: state[key] for key in ("lr", "betas", "eps", "weight_decay", "t")}
+        adamw = {"lr": optimizer.lr, "betas": list(optimizer.betas), "eps": optimizer.eps,
+                 "weight_decay": optimizer.weight_decay, "t": optimizer.t}  # state_dict() would copy m, v
     if vocab is not None:
         tensors["vocab"] = np.asarray(vocab, dtype=np.int64)
     meta = {"format": FORMAT, "h_params": model.h_params, "dtype": model.dtype.name,
