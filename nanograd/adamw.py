@@ -1,7 +1,7 @@
 """AdamW, written out, with exactly torch.optim.AdamW's semantics and defaults."""
 import numpy as np
 
-from .backend import fused_kernels, get_array_module, parallel
+from .backend import element_groups, fused_kernels, get_array_module, parallel
 
 BLOCK = 1 << 16  # elements per block of the CPU path: p, m, v, g and scratch (5 x 256 KB) stay in L2 cache
 PART = 1 << 20   # elements per task handed to a CPU thread
@@ -94,20 +94,16 @@ class AdamW:
         """
         self.t += 1
         settings = (self.lr, *self.betas, self.eps, self.weight_decay, self.t)
-        groups, size = [[]], 0  # each group: (p, g, m, v) slices, PART elements in all
+        flat = []  # (p, g, m, v) of each NumPy parameter, as 1-D views: p, m, v are contiguous
         for name, p in self.params.items():
             arrays = (p, grads[name], self.m[name], self.v[name])
-            if not isinstance(p, np.ndarray):
+            if isinstance(p, np.ndarray):
+                flat.append([a.reshape(-1) for a in arrays])
+            else:
                 adamw_update(*arrays, *settings)
-                continue
-            flat = [a.reshape(-1) for a in arrays]  # views: p, m, v are contiguous
-            for start in range(0, p.size, PART):
-                if size >= PART:
-                    groups.append([])
-                    size = 0
-                groups[-1].append([a[start:start + PART] for a in flat])
-                size += min(PART, p.size - start)
-        parallel([(_update_group, group, settings) for group in groups if group])
+        groups = element_groups([p.size for p, _, _, _ in flat], PART)
+        parallel([(_update_group, [[a[start:stop] for a in flat[i]] for i, start, stop in group], settings)
+                  for group in groups])
 
     def state_dict(self):
         """Everything needed to resume: hyperparameters, t, and m, v by name.
