@@ -88,7 +88,8 @@ def linear_cross_entropy_forward(x, W, b, targets, work, vchunk=None):
     loss = mean_n(logsumexp(logits[n]) - logits[n, targets[n]]) with
     logits = x @ W.T + b, as linear_forward then cross_entropy_forward.
     work is a preallocated (N, V) array, N = number of positions; it ends
-    up holding the chunks' exponentials, which the backward reads.
+    up holding the chunks' exponentials, which the backward reads (on CuPy,
+    which runs the plain pair, it is not used and may be None).
     vchunk: vocabulary columns per chunk, VCHUNK by default (any width
     gives the same loss, to rounding).
     """

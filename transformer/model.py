@@ -243,7 +243,7 @@ class Model:
         if targets is not None:
             targets = self.xp.asarray(targets).reshape(B * T)  # (B*T,)
         if targets is not None and not self.return_logits:  # output layer and loss fused
-            work = self.buffer("work", (B * T, W.shape[0]))  # (B*T, V)
+            work = self.buffer("work", (B * T, W.shape[0])) if self.xp is np else None  # (B*T, V); CuPy needs none
             loss, loss_cache = linear_cross_entropy_forward(x, W, b, targets, work)
         else:
             logits, head = linear_forward(x, W, b)  # (B, T, V)
