@@ -243,3 +243,43 @@ def test_non_contiguous_parameter_is_refused(xp):
     """Parameters are updated in place through flat views, so they must be C-contiguous."""
     with pytest.raises(ValueError, match="parameter w "):
         AdamW({"w": xp.zeros((4, 3)).T})
+
+
+def test_moments_never_decay_into_denormals(xp):
+    """Gradients that stop (an embedding row whose token stops appearing) leave moments that
+    shrink by beta each step; below float32's smallest normal (1.2e-38) every operation on
+    them is ~100x slower on x86.  AdamW zeroes moments under TINY first, every
+    flush_interval() steps, and the weights stay as torch's to float32 rounding."""
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(64).astype(np.float32)
+    g = rng.standard_normal(64).astype(np.float32) * 1e-3
+    params = {"w": xp.asarray(p0.copy())}
+    opt = AdamW(params)
+    assert opt.flush_interval() == 173  # beta1 0.9: TINY * 0.9**173 >= 1.2e-38 > TINY * 0.9**174
+    torch_p = torch.tensor(p0.copy(), requires_grad=True)
+    torch_opt = torch.optim.AdamW([torch_p])
+    smallest_normal = np.finfo(np.float32).tiny
+    for step in range(1000):
+        grad = g if step < 3 else np.zeros_like(g)  # three real gradients, then nothing
+        opt.step({"w": xp.asarray(grad)})
+        torch_p.grad = torch.tensor(grad)
+        torch_opt.step()
+        m, v = (np.abs(to_host(a)) for a in (opt.m["w"], opt.v["w"]))
+        for moment in (m, v):
+            assert not ((moment > 0) & (moment < smallest_normal)).any(), f"a denormal moment at step {step + 1}"
+    torch_m = torch_opt.state[torch_p]["exp_avg"].numpy()
+    assert ((np.abs(torch_m) > 0) & (np.abs(torch_m) < smallest_normal)).any()  # torch's did decay that far
+    assert (to_host(opt.m["w"]) == 0).all()  # flushed: they fell under TINY
+    np.testing.assert_allclose(to_host(params["w"]), torch_p.detach().numpy(), **TOL32)
+
+
+def test_flush_keeps_moments_above_tiny():
+    params = {"w": np.ones(4, np.float32)}
+    opt = AdamW(params)
+    opt.m["w"][:] = [1e-29, -1e-29, 1e-31, -1e-31]
+    opt.v["w"][:] = [1e-29, 1e-29, 1e-31, 1e-31]
+    opt.t = opt.flush_interval() - 1  # the next step flushes
+    opt.step({"w": np.zeros(4, np.float32)})
+    m, v = opt.m["w"], opt.v["w"]
+    assert (m[:2] != 0).all() and (m[2:] == 0).all()
+    assert (v[:2] != 0).all() and (v[2:] == 0).all()
