@@ -81,8 +81,10 @@ class AdamW:
     than TINY (1e-30) are set to 0.  A moment whose gradient stays 0, as an
     embedding row whose token stops appearing, shrinks by beta each step and
     after ~800 steps (beta1 0.9, from 1e-4) falls below 1.2e-38, into float32's
-    denormal range, where each operation on x86 takes ~100 cycles: such rows
-    made a whole AdamW step 6x slower.  Zeroing them first changes the update
+    denormal range, where each operation on x86 takes ~100 cycles (8M such
+    moments made an update 6x slower; train.py on the built-in corpus had 114K
+    of them in the embedding by step 1500, and more each step).  Zeroing them
+    first changes the update
     by at most lr * TINY / eps = 1e-25, below float32's rounding of any weight.
     """
 
