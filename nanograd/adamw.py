@@ -84,8 +84,8 @@ class AdamW:
     denormal range, where each operation on x86 takes ~100 cycles (8M such
     moments made an update 6x slower; train.py on the built-in corpus had 114K
     of them in the embedding by step 1500, and more each step).  Zeroing them
-    first changes the update
-    by at most lr * TINY / eps = 1e-25, below float32's rounding of any weight.
+    first changes an update by at most lr * TINY / eps = 1e-25, below float32's
+    rounding of any weight.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
