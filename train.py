@@ -23,7 +23,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np
 
 from nanograd import AdamW
-from nanograd.backend import BackendError, get_backend, make_rng
+from nanograd.backend import BackendError, cpu_threads, get_backend, make_rng
 from nanograd.clip import clip_grad_norm, grad_norm
 from transformer import Model
 from transformer.data import check_splits, default_corpus, get_batch, read_text, split, tokenize
@@ -132,7 +132,8 @@ def check_out(out):
 
 def describe_backend(xp):
     if xp is np:
-        return f"Backend: numpy {np.__version__} on the CPU ({os.cpu_count()} cores)"
+        cores = cpu_threads()
+        return f"Backend: numpy {np.__version__} on the CPU ({cores} core{'s' if cores > 1 else ''})"
     props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
     name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
     return f"Backend: cupy {xp.__version__} on {name} (CUDA runtime {xp.cuda.runtime.runtimeGetVersion()})"

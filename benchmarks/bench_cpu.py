@@ -146,9 +146,9 @@ def measure_rates(cfg, vocab):
     BLAS runs single-threaded here, as in train.py, so each thread takes a
     share of the vocabulary (of the bytes), as nanograd's kernels do.
     """
-    from nanograd.backend import parallel, split_range
+    from nanograd.backend import cpu_threads, parallel, split_range
     rng = np.random.default_rng(0)
-    N, threads = cfg["batch_size"] * cfg["context_length"], os.cpu_count() or 1
+    N, threads = cfg["batch_size"] * cfg["context_length"], cpu_threads()
     x = rng.standard_normal((N, cfg["d_model"]), dtype=np.float32)
     W = rng.standard_normal((vocab, cfg["d_model"]), dtype=np.float32)
     out = np.empty((N, vocab), np.float32)
@@ -173,7 +173,8 @@ def machine():
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, numpy {np.__version__}, "
+    from nanograd.backend import cpu_threads
+    return (f"{cpu}, {cpu_threads()} cores; Python {platform.python_version()}, numpy {np.__version__}, "
             f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 

@@ -109,6 +109,14 @@ def make_rng(xp, *seed):
 _pool = None
 
 
+def cpu_threads():
+    """How many CPU threads nanograd uses: the cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))  # Linux: honours taskset and container CPU sets
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def parallel(tasks):
     """Run every (function, *args) in tasks on one thread per CPU core; wait for all.
 
@@ -117,7 +125,7 @@ def parallel(tasks):
     """
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="nanograd")
+        _pool = ThreadPoolExecutor(cpu_threads(), thread_name_prefix="nanograd")
     for future in [_pool.submit(*task) for task in tasks]:
         future.result()
 

@@ -34,12 +34,11 @@ On CuPy arrays (a GPU has no cache to keep a chunk in) it is the plain pair
 of kernels.  BLAS must be single-threaded for the chunks' threads not to fight
 it for the cores: train.py sets OPENBLAS_NUM_THREADS=1 before NumPy loads.
 """
-import os
 from typing import NamedTuple
 
 import numpy as np
 
-from .backend import get_array_module, parallel, scatter_add, split_range
+from .backend import cpu_threads, get_array_module, parallel, scatter_add, split_range
 from .cross_entropy import cross_entropy_backward, cross_entropy_forward
 from .linear import linear_backward, linear_forward
 
@@ -63,7 +62,7 @@ class ComposedCache(NamedTuple):  # CuPy: the caches of the plain pair
 def chunk_ranges(V, vchunk):
     """Per CPU thread, its chunks as (chunk number, start, stop): consecutive, vchunk columns wide."""
     return [[(s // vchunk, s, min(s + vchunk, stop)) for s in range(start, stop, vchunk)]
-            for start, stop in split_range(V, os.cpu_count() or 1, vchunk)]
+            for start, stop in split_range(V, cpu_threads(), vchunk)]
 
 
 def _forward_chunks(x, W, b, targets, work, chunk_max, chunk_sum, target_logit, chunks):

@@ -157,3 +157,15 @@ def test_element_groups_cover_every_element_once(sizes, part):
     assert all((c == 1).all() for c in covered)
     if sum(sizes) > part:
         assert len(groups) >= sum(sizes) // part  # big work is spread over several tasks
+
+
+def test_cpu_threads_are_the_cores_this_process_may_use(monkeypatch):
+    import os
+    assert backend.cpu_threads() >= 1
+    if hasattr(os, "sched_getaffinity"):
+        assert backend.cpu_threads() == len(os.sched_getaffinity(0))
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5})  # e.g. taskset -c 0,3,5
+        assert backend.cpu_threads() == 3
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert backend.cpu_threads() == 1
