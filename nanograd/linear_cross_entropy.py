@@ -99,6 +99,8 @@ def linear_cross_entropy_forward(x, W, b, targets, work, vchunk=None):
         loss, ce = cross_entropy_forward(logits.reshape(targets.size, -1), targets)
         return loss, ComposedCache(linear, ce)
     N, V = work.shape
+    if N and not 0 <= int(targets.min()) <= int(targets.max()) < V:
+        raise IndexError(f"target ids must lie in 0..{V - 1}, got {int(targets.min())}..{int(targets.max())}")
     vchunk = vchunk or VCHUNK
     chunks = -(-V // vchunk)
     chunk_max = np.empty((N, chunks), W.dtype)  # (N, chunks)

@@ -131,3 +131,12 @@ def test_book_sized_chunks(host):
     for name, g, w in zip(("loss", "dx", "dW", "db"), got, want):
         np.testing.assert_allclose(g, w, **TOL["float32"], err_msg=name)
     assert float(to_host(got[0])) > 0
+
+
+@pytest.mark.parametrize("bad", [-1, 17])
+def test_target_outside_the_vocabulary_is_refused(bad):
+    """A target no chunk holds would leave its logit unset: refused, as the plain pair's indexing refuses it."""
+    x, W, b, targets = make_inputs(np, np.random.default_rng(9), 4, 3, 17, "float64")
+    targets[2] = bad
+    with pytest.raises(IndexError, match="0..16"):
+        linear_cross_entropy_forward(x, W, b, targets, np.empty((4, 17)), vchunk=4)
