@@ -59,6 +59,14 @@ class ComposedCache(NamedTuple):  # CuPy: the caches of the plain pair
     loss: object
 
 
+def balanced_width(V, vchunk):
+    """A chunk width near vchunk that cuts V into a multiple of 4 chunks of one width
+    (the last a little shorter): 2 or 4 CPU threads then get equal shares, and the
+    chunks, so the numbers, are the same whatever the number of threads."""
+    chunks = 4 * max(1, round(V / (4 * vchunk)))
+    return -(-V // chunks)
+
+
 def chunk_ranges(V, vchunk):
     """Per CPU thread, its chunks as (chunk number, start, stop): consecutive, vchunk columns wide."""
     return [[(s // vchunk, s, min(s + vchunk, stop)) for s in range(start, stop, vchunk)]
@@ -89,8 +97,9 @@ def linear_cross_entropy_forward(x, W, b, targets, work, vchunk=None):
     work is a preallocated (N, V) array, N = number of positions; it ends
     up holding the chunks' exponentials, which the backward reads (on CuPy,
     which runs the plain pair, it is not used and may be None).
-    vchunk: vocabulary columns per chunk, VCHUNK by default (any width
-    gives the same loss, to rounding).
+    vchunk: about how many vocabulary columns a chunk has, VCHUNK by
+    default, adjusted by balanced_width (any width gives the same loss, to
+    rounding).
     """
     xp = get_array_module(x)
     x2, targets = x.reshape(-1, W.shape[1]), targets.reshape(-1)  # (N, C), (N,)
@@ -101,7 +110,7 @@ def linear_cross_entropy_forward(x, W, b, targets, work, vchunk=None):
     N, V = work.shape
     if N and not 0 <= int(targets.min()) <= int(targets.max()) < V:
         raise IndexError(f"target ids must lie in 0..{V - 1}, got {int(targets.min())}..{int(targets.max())}")
-    vchunk = vchunk or VCHUNK
+    vchunk = balanced_width(V, vchunk or VCHUNK)  # 24 chunks of 4176 for the book's V = 100,218
     chunks = -(-V // vchunk)
     chunk_max = np.empty((N, chunks), W.dtype)  # (N, chunks)
     chunk_sum = np.empty((N, chunks), W.dtype)  # (N, chunks)
