@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from .backend import element_groups, fused_kernels, get_array_module, parallel
+from .backend import fused_kernels, get_array_module, parallel
 
 BLOCK = 1 << 16  # elements per block of the CPU path: p, m, v, g and scratch (5 x 256 KB) stay in L2 cache
 PART = 1 << 20   # elements per task handed to a CPU thread
@@ -60,6 +60,23 @@ def adamw_update_blocked(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
         np.divide(mb, tmp, out=tmp)
         tmp *= step_size
         pb -= tmp
+
+
+def element_groups(sizes, part):
+    """Cut flat arrays of the given sizes into groups of about `part` elements, one thread task each.
+
+    Returns [[(array index, start, stop), ...], ...]: a big array is cut into
+    several pieces, small ones share a group, so each task is worth a thread hand-off.
+    """
+    groups, size = [[]], 0
+    for i, n in enumerate(sizes):
+        for start in range(0, n, part):
+            if size >= part:
+                groups.append([])
+                size = 0
+            groups[-1].append((i, start, min(start + part, n)))
+            size += min(part, n - start)
+    return [group for group in groups if group]
 
 
 def _update_group(group, settings):

@@ -135,20 +135,3 @@ def split_range(n, parts, multiple=1):
     size = -(-n // parts)  # ceil
     size = -(-size // multiple) * multiple
     return [(start, min(start + size, n)) for start in range(0, n, size)]
-
-
-def element_groups(sizes, part):
-    """Cut flat arrays of the given sizes into groups of about `part` elements, one thread task each.
-
-    Returns [[(array index, start, stop), ...], ...]: a big array is cut into
-    several pieces, small ones share a group, so each task is worth a thread hand-off.
-    """
-    groups, size = [[]], 0
-    for i, n in enumerate(sizes):
-        for start in range(0, n, part):
-            if size >= part:
-                groups.append([])
-                size = 0
-            groups[-1].append((i, start, min(start + part, n)))
-            size += min(part, n - start)
-    return [group for group in groups if group]

@@ -1,7 +1,6 @@
 """Softmax cross-entropy, fused: mean over positions of -log softmax(logits)[target]."""
 from typing import NamedTuple
 
-
 from .backend import fused_kernels, get_array_module
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanograd.adamw import BLOCK, PART, AdamW, adamw_update, adamw_update_blocked
+from nanograd.adamw import BLOCK, PART, AdamW, adamw_update, adamw_update_blocked, element_groups
 from nanograd.backend import to_host
 
 # float64 against torch.optim.AdamW: the same formulas in the same order
@@ -283,3 +283,19 @@ def test_flush_keeps_moments_above_tiny():
     m, v = opt.m["w"], opt.v["w"]
     assert (m[:2] != 0).all() and (m[2:] == 0).all()
     assert (v[:2] != 0).all() and (v[2:] == 0).all()
+
+
+@pytest.mark.parametrize("sizes, part", [([10, 3, 0, 25, 1], 8), ([5], 100), ([], 4), ([16, 16], 16)])
+def test_element_groups_cover_every_element_once(sizes, part):
+    groups = element_groups(sizes, part)
+    covered = [np.zeros(n, dtype=int) for n in sizes]
+    for group in groups:
+        assert group, "no empty groups"
+        assert sum(stop - start for _, start, stop in group) < 2 * part  # about `part` each
+        for i, start, stop in group:
+            assert 0 <= start < stop <= sizes[i] and stop - start <= part
+            covered[i][start:stop] += 1
+    assert all((c == 1).all() for c in covered)
+    if sum(sizes) > part:
+        assert len(groups) >= sum(sizes) // part  # big work is spread over several tasks
+

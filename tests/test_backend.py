@@ -144,21 +144,6 @@ def test_make_rng_mixes_several_ints(xp):
         assert not np.array_equal(a, to_host(make_rng(xp, *other).random(8))), other
 
 
-@pytest.mark.parametrize("sizes, part", [([10, 3, 0, 25, 1], 8), ([5], 100), ([], 4), ([16, 16], 16)])
-def test_element_groups_cover_every_element_once(sizes, part):
-    groups = backend.element_groups(sizes, part)
-    covered = [np.zeros(n, dtype=int) for n in sizes]
-    for group in groups:
-        assert group, "no empty groups"
-        assert sum(stop - start for _, start, stop in group) < 2 * part  # about `part` each
-        for i, start, stop in group:
-            assert 0 <= start < stop <= sizes[i] and stop - start <= part
-            covered[i][start:stop] += 1
-    assert all((c == 1).all() for c in covered)
-    if sum(sizes) > part:
-        assert len(groups) >= sum(sizes) // part  # big work is spread over several tasks
-
-
 def test_cpu_threads_are_the_cores_this_process_may_use(monkeypatch):
     import os
     assert backend.cpu_threads() >= 1
