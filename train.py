@@ -15,6 +15,7 @@ import shutil
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 # nanograd splits its big kernels over the CPU cores itself; a BLAS that also ran threads
 # would fight it for the same cores (and its idle threads spin).  Set before NumPy loads.
@@ -29,7 +30,8 @@ from transformer import Model
 from transformer.data import check_splits, default_corpus, get_batch, read_text, split, tokenize
 from transformer.errors import CheckpointError, OneLineParser, UserError, run_command
 from transformer.schedule import learning_rate
-from transformer.state import check_resumable, load_params, load_state, restore_optimizer, save_state
+from transformer.checkpoint import save_checkpoint
+from transformer.state import check_resumable, load_params, load_state, restore_optimizer, state_contents
 from transformer.tokenizer import get_tokenizer
 
 # The book's h_params (ch.19), each with a flag of the same name.
@@ -213,8 +215,25 @@ def train(args):
     run = {**s, "data_sha256": data_sha}
     B, T, seed = s["batch_size"], s["context_length"], s["seed"]
 
-    def save(step):
-        save_state(out, model, optimizer, step, run, vocab)
+    # A checkpoint (200 MB in the book's config) is written on a thread of its own while the
+    # loop goes on: evaluating and the next forward and backward only read the weights and
+    # AdamW's moments, so it need only be done before the next optimizer.step changes them.
+    writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+    writing = []  # the save in flight, if any
+
+    def save(step, wait=False):
+        finish_saving()  # one at a time: both write to out
+        writing.append(writer.submit(save_checkpoint, out, *state_contents(model, optimizer, step, run, vocab)))
+        if wait:
+            finish_saving()
+
+    def finish_saving():
+        try:
+            while writing:
+                writing.pop().result()  # a failed save raises its error here
+        except OSError as e:  # a full disk, a folder removed meanwhile: save_checkpoint left out as it was
+            raise UserError(f"cannot write the checkpoint {out} ({e.strerror or e}); "
+                            "the file there, if any, is the last good one") from e
 
     def estimate_loss(step):
         """The book's estimate: mean loss of eval_iters random batches per split, dropout off."""
@@ -275,6 +294,7 @@ def train(args):
                     g *= 1.0 / s["grad_accum_steps"]  # the mean over micro-batches = one big batch
 
             norm = clip_grad_norm(grads, s["grad_clip"]) if s["grad_clip"] else grad_norm(grads)
+            finish_saving()  # before optimizer.step changes what it writes
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 bad = next((n for n, g in grads.items() if not bool(xp.isfinite(g).all())), None)
                 what = f"the gradient of {bad}" if bad else f"the loss ({loss})"
@@ -291,13 +311,15 @@ def train(args):
 
             done = step + 1
             if interrupted:
-                save(done)
+                save(done, wait=True)
                 say(f"Interrupted after step {done}; checkpoint saved to {out}. "
                     f"Resume with: python train.py --resume {out}")
                 return 130
             if s["save_interval"] and done % s["save_interval"] == 0 and done < s["max_iters"]:
                 save(done)
+        save(s["max_iters"], wait=True)
     finally:
+        writer.shutdown(wait=True)  # a save in flight completes, whatever stopped the loop
         signal.signal(signal.SIGINT, previous_handler)
         metrics.close()
         if bar is not None:
@@ -305,7 +327,6 @@ def train(args):
         if wandb_run is not None:
             wandb_run.finish()
 
-    save(s["max_iters"])
     seconds = time.perf_counter() - t0
     steps = max(s["max_iters"] - start, 1)
     print(f"Training complete in {seconds:.1f} s ({1000 * seconds / steps:.0f} ms/step, "

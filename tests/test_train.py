@@ -7,12 +7,15 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
 
 from transformer.data import split, tokenize
 from transformer.model import Model, parameter_shapes
+from transformer.checkpoint import save_checkpoint
 from transformer.state import build_model, load_state
 from transformer.tokenizer import get_tokenizer
 
@@ -267,3 +270,38 @@ def test_grad_accumulation_averages_the_micro_batches(corpus, tmp_path, capsys):
         mean = (grads[0][name] + grads[1][name]) / 2
         np.testing.assert_allclose(tensors[f"adamw/m/{name}"], 0.1 * mean, rtol=MOMENT_RTOL,
                                    atol=MOMENT_ATOL_SCALE * np.abs(mean).max(), err_msg=name)
+
+
+def test_checkpoints_are_written_beside_the_loop_from_a_still_state(corpus, tmp_path, capsys, monkeypatch):
+    """The saves at steps 10 and 20 run on another thread while the loop goes on, and the
+    weights and moments they write do not change until they are written (a slow disk here: 0.3 s)."""
+    saves = []
+
+    def slow_save(path, tensors, meta):
+        before = {name: array.copy() for name, array in tensors.items()}
+        time.sleep(0.3)
+        save_checkpoint(path, tensors, meta)
+        unchanged = all(np.array_equal(before[name], array) for name, array in tensors.items())
+        saves.append((meta["step"], threading.current_thread() is threading.main_thread(), unchanged))
+    monkeypatch.setattr(train, "save_checkpoint", slow_save)
+    run_main(["--data", corpus, *TINY, "--out", tmp_path / "m.ckpt"], capsys)
+    assert saves == [(10, False, True), (20, False, True), (30, False, True)]
+    assert load_state(tmp_path / "m.ckpt")[1]["step"] == 30
+
+
+@pytest.mark.parametrize("at_step", [10, 30])  # a save in the background, and the final one
+def test_a_failed_save_is_one_sentence(corpus, tmp_path, capsys, monkeypatch, at_step):
+    def full_disk(path, tensors, meta):
+        if meta["step"] == at_step:
+            raise OSError(28, "No space left on device")
+        save_checkpoint(path, tensors, meta)
+    monkeypatch.setattr(train, "save_checkpoint", full_disk)
+    out = tmp_path / "m.ckpt"
+    assert train.main([str(a) for a in ["--data", corpus, *TINY, "--out", out]]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: cannot write the checkpoint {out} (No space left on device); "
+                   "the file there, if any, is the last good one\n")
+    if at_step == 10:
+        assert not out.exists()
+    else:  # the save at step 20 is what the failed final one left in place
+        assert load_state(out)[1]["step"] == 20

@@ -28,8 +28,9 @@ _DIGEST = 32  # sha256 of everything before it
 
 
 def _tensor_bytes(array):
-    """Little-endian, C-order bytes of one array."""
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    """Little-endian, C-order bytes of one array, as a uint8 view of the array itself when it
+    already is one (on x86 and ARM it is): no copy of a 32 MB tensor."""
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
 
 
 def _header(tensors, meta):

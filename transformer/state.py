@@ -23,6 +23,12 @@ FORMAT = "nanograd-transformer"
 
 def save_state(path, model, optimizer=None, step=0, run=None, vocab=None):
     """Write the model (and the optimizer, for resuming) to path, atomically."""
+    save_checkpoint(path, *state_contents(model, optimizer, step, run, vocab))
+
+
+def state_contents(model, optimizer=None, step=0, run=None, vocab=None):
+    """(tensors, meta) that save_state writes.  On NumPy the tensors are the model's and the
+    optimizer's own arrays, not copies: write them before the next update changes them."""
     tensors = {f"params/{name}": to_host(p) for name, p in model.params.items()}
     adamw = None
     if optimizer is not None:
@@ -33,9 +39,9 @@ def save_state(path, model, optimizer=None, step=0, run=None, vocab=None):
                  "weight_decay": optimizer.weight_decay, "t": optimizer.t}  # state_dict() would copy m, v
     if vocab is not None:
         tensors["vocab"] = np.asarray(vocab, dtype=np.int64)
-    meta = {"format": FORMAT, "h_params": model.h_params, "dtype": model.dtype.name,
-            "step": int(step), "adamw": adamw, "run": run or {}}
-    save_checkpoint(path, tensors, meta)
+    meta = {"format": FORMAT, "h_params": dict(model.h_params), "dtype": model.dtype.name,
+            "step": int(step), "adamw": adamw, "run": dict(run or {})}
+    return tensors, meta
 
 
 def load_state(path):
