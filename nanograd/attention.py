@@ -6,6 +6,7 @@ the attention weights; the heads' outputs are concatenated.  All heads run
 at once as one batched array of shape (B, NH, T, ...), no loop over heads.
 The projection after the concatenation is a separate linear layer.
 """
+import functools
 from typing import NamedTuple
 
 from .backend import fused_kernels, get_array_module
@@ -38,9 +39,12 @@ def merge_heads(y):
     return y.transpose(0, 2, 1, 3).reshape(B * T, NH * hs)  # (B*T, NH*hs)
 
 
-def causal_mask(xp, T):
-    """True above the diagonal: position t may not look at positions after t."""
-    return xp.triu(xp.ones((T, T), dtype=bool), k=1)  # (T, T)
+@functools.lru_cache(maxsize=16)
+def causal_bias(xp, T, dtype):
+    """(T, T) 0 on and below the diagonal, -inf above it: added to the scores, it hides
+    from position t the positions after t, since exp(-inf) = 0.  Made once per T."""
+    future = xp.triu(xp.ones((T, T), dtype=bool), k=1)  # (T, T)
+    return xp.where(future, -xp.inf, 0.0).astype(dtype)  # (T, T)
 
 
 def causal_softmax_forward(preatt):
@@ -51,10 +55,9 @@ def causal_softmax_forward(preatt):
     if fused := fused_kernels(preatt):  # CuPy: the same in one CUDA kernel
         return fused.causal_softmax_forward(preatt)
     xp = get_array_module(preatt)
-    T = preatt.shape[-1]
-    preatt = xp.where(causal_mask(xp, T), -xp.inf, preatt)  # (..., T, T) the future gets exp(-inf) = 0
-    preatt -= preatt.max(axis=-1, keepdims=True)  # the diagonal is always finite
-    att = xp.exp(preatt)  # (..., T, T)
+    att = preatt + causal_bias(xp, preatt.shape[-1], preatt.dtype)  # (..., T, T) the future gets -inf
+    att -= att.max(axis=-1, keepdims=True)  # the diagonal is always finite
+    xp.exp(att, out=att)  # (..., T, T) the future gets exp(-inf) = 0
     att /= att.sum(axis=-1, keepdims=True)  # softmax over the keys
     return att
 
