@@ -25,7 +25,7 @@ import numpy as np
 
 from nanograd import AdamW
 from nanograd.backend import BackendError, cpu_threads, get_backend, make_rng
-from nanograd.clip import clip_grad_norm, grad_norm
+from nanograd.clip import clip_grad_norm
 from transformer import Model
 from transformer.data import check_splits, default_corpus, get_batch, read_text, split, tokenize
 from transformer.errors import CheckpointError, OneLineParser, UserError, run_command
@@ -293,16 +293,17 @@ def train(args):
                 for g in grads.values():
                     g *= 1.0 / s["grad_accum_steps"]  # the mean over micro-batches = one big batch
 
-            norm = clip_grad_norm(grads, s["grad_clip"]) if s["grad_clip"] else grad_norm(grads)
+            if s["grad_clip"]:
+                clip_grad_norm(grads, s["grad_clip"])
             finish_saving()  # before optimizer.step changes what it writes
-            if not (math.isfinite(loss) and math.isfinite(norm)):
+            norm = optimizer.step(grads)  # the gradients' norm, summed on the way
+            if not (math.isfinite(loss) and math.isfinite(norm)):  # the update is lost: nothing saves it
                 bad = next((n for n, g in grads.items() if not bool(xp.isfinite(g).all())), None)
                 what = f"the gradient of {bad}" if bad else f"the loss ({loss})"
                 kept = f"the last good checkpoint {out} is kept" if os.path.exists(out) else "nothing was saved"
                 print(f"error: at step {step} {what} is not finite; stopping ({kept}). "
                       "Try a lower --learning-rate or --grad-clip 1.0.", file=sys.stderr)
                 return 3
-            optimizer.step(grads)
             if bar is not None:
                 bar.update(1)
                 tokens = (step + 1 - start) * B * T * s["grad_accum_steps"]

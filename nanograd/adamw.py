@@ -37,15 +37,18 @@ def adamw_update_blocked(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
     The same operations in the same order, but each block of BLOCK
     elements goes through all of them while it sits in cache, so memory
     is read and written about once instead of once per operation.
+    Returns the sum of g's squares, taken on the way (see AdamW.step).
     """
     p, g, m, v = p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1)  # views
     scratch = np.empty(min(BLOCK, p.size), p.dtype)
     decay, step_size = 1 - lr * weight_decay, lr / (1 - beta1 ** t)
     bias_correction2_sqrt = (1 - beta2 ** t) ** 0.5
+    squares = 0.0
     for start in range(0, p.size, BLOCK):
         b = slice(start, start + BLOCK)
         pb, gb, mb, vb = p[b], g[b], m[b], v[b]
         tmp = scratch[: pb.size]
+        squares += float(np.dot(gb, gb))
         pb *= decay
         np.subtract(gb, mb, out=tmp)
         tmp *= 1 - beta1
@@ -60,6 +63,7 @@ def adamw_update_blocked(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
         np.divide(mb, tmp, out=tmp)
         tmp *= step_size
         pb -= tmp
+    return squares
 
 
 def element_groups(sizes, part):
@@ -80,9 +84,9 @@ def element_groups(sizes, part):
 
 
 def _update_group(group, settings):
-    """adamw_update_blocked on each (p, g, m, v) of group: one CPU thread's task."""
-    for arrays in group:
-        adamw_update_blocked(*arrays, *settings)
+    """adamw_update_blocked on each (p, g, m, v) of group: one CPU thread's task.  Returns
+    the sum of the squares of the group's gradients."""
+    return sum(adamw_update_blocked(*arrays, *settings) for arrays in group)
 
 
 class AdamW:
@@ -116,7 +120,11 @@ class AdamW:
         self.v = {name: get_array_module(p).zeros_like(p) for name, p in params.items()}
 
     def step(self, grads):
-        """One update of every parameter from grads (same names).
+        """One update of every parameter from grads (same names).  Returns the
+        gradients' global norm, sqrt(sum of every element squared), summed
+        while the update reads them: a separate pass over 66 MB of gradients
+        (the book's config) would cost more than the sums.  train.py stops a
+        run whose norm is not finite.
 
         On NumPy the parameters are cut into parts of at most PART elements,
         small parameters grouped together, and the CPU threads update the
@@ -125,19 +133,23 @@ class AdamW:
         self.t += 1
         settings = (self.lr, *self.betas, self.eps, self.weight_decay, self.t)
         flat = []  # (p, g, m, v) of each NumPy parameter, as 1-D views: p, m, v are contiguous
+        squares = []  # sums of squared gradient elements: floats, or device scalars on CuPy
         for name, p in self.params.items():
             arrays = (p, grads[name], self.m[name], self.v[name])
             if isinstance(p, np.ndarray):
                 flat.append([a.reshape(-1) for a in arrays])
             else:
+                g = arrays[1].reshape(-1)
+                squares.append(get_array_module(g).dot(g, g))
                 adamw_update(*arrays, *settings)
         groups = element_groups([p.size for p, _, _, _ in flat], PART)
-        parallel([(_update_group, [[a[start:stop] for a in flat[i]] for i, start, stop in group], settings)
-                  for group in groups])
+        squares += parallel([(_update_group, [[a[start:stop] for a in flat[i]] for i, start, stop in group],
+                              settings) for group in groups])
         interval = self.flush_interval()
         if interval and self.t % interval == 0:
             for moment in (*self.m.values(), *self.v.values()):
                 moment[get_array_module(moment).abs(moment) < TINY] = 0
+        return math.sqrt(float(sum(squares)))
 
     def flush_interval(self):
         """Steps within which a moment of at least TINY, decaying by beta1 or beta2 a step,

@@ -118,16 +118,22 @@ def cpu_threads():
 
 
 def parallel(tasks):
-    """Run every (function, *args) in tasks on one thread per CPU core; wait for all.
+    """Run every (function, *args) in tasks on one thread per CPU core; return their results in order.
 
     NumPy lets go of the GIL inside each operation on a large array, so the
-    threads really work at once.  Errors are re-raised; results are dropped.
+    threads really work at once.  Errors are re-raised, and the caller's
+    np.errstate holds in the threads too (it is per thread).
     """
     global _pool
     if _pool is None:
         _pool = ThreadPoolExecutor(cpu_threads(), thread_name_prefix="nanograd")
-    for future in [_pool.submit(*task) for task in tasks]:
-        future.result()
+    errors = np.geterr()
+    return [future.result() for future in [_pool.submit(_run, errors, *task) for task in tasks]]
+
+
+def _run(errors, function, *args):
+    with np.errstate(**errors):
+        return function(*args)
 
 
 def split_range(n, parts, multiple=1):

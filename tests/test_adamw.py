@@ -239,6 +239,20 @@ def test_threaded_parts_equal_textbook():
         np.testing.assert_array_equal(b, a)
 
 
+def test_step_returns_the_gradients_global_norm(xp):
+    """step() sums the squares of every gradient element as it reads them (parameters of
+    several PART-sized parts included) and returns the norm; non-finite when a gradient is."""
+    rng = np.random.default_rng(8)
+    shapes = {"big": (PART * 2 + 7,), "w": (3, 4), "b": (5,)}
+    params = {name: xp.asarray(rng.standard_normal(shape).astype(np.float32)) for name, shape in shapes.items()}
+    grads = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    expected = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads.values()))
+    opt = AdamW(params)
+    assert opt.step(on(xp, grads)) == pytest.approx(expected, rel=1e-5)
+    grads["w"][1, 2] = np.nan
+    assert not np.isfinite(opt.step(on(xp, grads)))
+
+
 def test_non_contiguous_parameter_is_refused(xp):
     """Parameters are updated in place through flat views, so they must be C-contiguous."""
     with pytest.raises(ValueError, match="parameter w "):

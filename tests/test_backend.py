@@ -154,3 +154,15 @@ def test_cpu_threads_are_the_cores_this_process_may_use(monkeypatch):
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
     monkeypatch.setattr(os, "cpu_count", lambda: None)
     assert backend.cpu_threads() == 1
+
+
+def test_parallel_returns_results_in_order_under_the_callers_errstate():
+    """parallel() is a drop-in for running the tasks one after another: results in task
+    order, and the caller's np.errstate (per thread in NumPy) holds in the pool's threads."""
+    def overflow(scale):
+        return np.float32(3e38) * np.float32(scale)  # inf for scale 10
+    assert backend.parallel([(pow, 2, n) for n in range(6)]) == [1, 2, 4, 8, 16, 32]
+    with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+        backend.parallel([(overflow, 1), (overflow, 10)])
+    with np.errstate(over="ignore"):
+        assert backend.parallel([(overflow, 10)]) == [np.inf]
