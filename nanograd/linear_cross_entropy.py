@@ -4,28 +4,35 @@ This is the same function as linear_forward followed by cross_entropy_forward
 (that pair is the reference the tests hold it to), computed on every CPU core
 and with no (N, V) temporaries.  The vocabulary is cut into chunks of vchunk
 columns; each CPU thread takes a range of chunks and, for each one, makes its
-logits with one matrix product and turns them into exponentials while they
-are still in cache:
+shifted logits with one matrix product and turns them into exponentials while
+they are still in cache:
 
-    logits_c = x @ W_c.T + b_c                      (N, vchunk)
-    max_c    = rowmax(logits_c)                     (N,)
-    exp_c    = exp(logits_c - max_c)                (N, vchunk)  kept in `work`
-    sum_c    = rowsum(exp_c)                        (N,)
+    e_c   = exp(x @ W_c.T + b_c - shift)            (N, vchunk)  kept in `work`
+    sum_c = rowsum(e_c)                             (N,)
 
-A row's softmax needs its maximum and its sum over the whole vocabulary, so
-the chunks are joined afterwards, on (N, chunks) numbers only:
+Softmax is unchanged by subtracting one number per row; the shift is there only
+to keep exp inside float32's range.  The textbook shift is the row's maximum,
+which costs two more passes over the logits (find it, subtract it).  Here it is
+the target's own logit, shift = x . W[target] + b[target], one dot product per
+row, known before the product, so it rides into the product as an extra column:
 
-    M = max over c of max_c,  S = sum over c of sum_c * exp(max_c - M)
-    logsumexp = M + log S,    probs_c = exp_c * exp(max_c - M) / S
+    [x, 1, -shift] @ [W_c, b_c, 1].T = x @ W_c.T + b_c - shift
+
+With this shift each row's sum S = sum over c of sum_c includes exp(0) = 1 (the
+target's term), so it cannot underflow; it overflows only if a logit beats the
+target's by ~88, a loss above 88 that only a run blowing up reaches.  Then the
+forward is done again with the row maxima as the shift.  Either way
+
+    loss = mean_n(log S + shift - target_logit),    probs_c = e_c / S
 
 The backward needs dlogits = (probs - onehot) * dloss / N in the output
 layer's three gradients (see linear_backward).  Its two terms go in apart,
-so dlogits is never written out: the dense one, probs_c = exp_c * r_c with
-r_c = exp(max_c - M) / S one number per row, is exp_c with its rows scaled,
-and a row scale can move onto the small factor of each product; the one-hot
-one touches only the rows of W and b at the targets.  With s = r_c * dloss / N:
+so dlogits is never written out: the dense one, probs_c = e_c * r with
+r = 1 / S one number per row, is e_c with its rows scaled, and a row scale
+can move onto the small factor of each product; the one-hot one touches only
+the rows of W and b at the targets.  With s = r * dloss / N:
 
-    dW_c = exp_c.T @ (s * x),   db_c = s @ exp_c,   dx += s * (exp_c @ W_c)
+    dW_c = e_c.T @ (s * x),   db_c = s @ e_c,   dx = s * (sum over c of e_c @ W_c)
     then  dW[targets] -= x * dloss / N,   db[targets] -= dloss / N,   dx -= W[targets] * dloss / N
 
 (scatter-added: a target id can repeat).  The backward only reads work.
@@ -48,8 +55,8 @@ VCHUNK = 4096  # vocabulary columns per chunk: the fastest of 2048-16384 on the 
 class LinearCrossEntropyCache(NamedTuple):
     x: object          # (..., C) as given
     W: object          # (V, C)
-    work: object       # (N, V) exp(logits_c - max_c), chunk by chunk
-    row_scale: object  # (N, chunks) exp(max_c - M) / S: turns exp_c into probs_c
+    work: object       # (N, V) exp(logits - shift), chunk by chunk
+    row_scale: object  # (N,) 1 / S: turns work's rows into probabilities
     targets: object    # (N,) int
     vchunk: int        # columns per chunk
 
@@ -73,20 +80,23 @@ def chunk_ranges(V, vchunk):
             for start, stop in split_range(V, cpu_threads(), vchunk)]
 
 
-def _forward_chunks(x, W, b, targets, work, chunk_max, chunk_sum, target_logit, chunks):
-    """One thread's share of the forward: logits, max, exp and sum of each of its chunks."""
-    rows = np.arange(x.shape[0])  # (N,)
-    ones = np.ones(chunks[0][2] - chunks[0][1], x.dtype)  # (vchunk,) a thread's first chunk is a full one
+def _forward_chunks(x_shift, W, b, work, chunk_sum, chunks):
+    """One thread's share of the forward: exp(logits - shift) of each of its chunks, and their row sums.
+
+    x_shift is [x, 1, -shift] (N, C+2); each chunk's [W_c, b_c, 1] is copied into a scratch
+    array, so one product gives logits - shift.
+    """
+    C, width = W.shape[1], chunks[0][2] - chunks[0][1]  # a thread's first chunk is its widest
+    W_chunk = np.empty((width, C + 2), W.dtype)  # (vchunk, C+2) [W_c, b_c, 1]
+    W_chunk[:, C + 1] = 1
+    ones = np.ones(width, W.dtype)  # (vchunk,)
     for c, s, e in chunks:
-        logits = work[:, s:e]  # (N, vchunk) a view: the product is written straight into work
-        np.matmul(x, W[s:e].T, out=logits)
-        logits += b[s:e]
-        here = (targets >= s) & (targets < e)  # (N,) positions whose target id is in this chunk
-        target_logit[here] = logits[rows[here], targets[here] - s]
-        logits.max(axis=1, out=chunk_max[:, c])  # (N,)
-        logits -= chunk_max[:, c, None]
-        np.exp(logits, out=logits)  # (N, vchunk) now exp_c, every entry <= 1
-        np.matmul(logits, ones[: e - s], out=chunk_sum[:, c])  # (N,) the row sums, as one BLAS call
+        W_chunk[: e - s, :C] = W[s:e]
+        W_chunk[: e - s, C] = b[s:e]
+        shifted = work[:, s:e]  # (N, vchunk) a view: the product is written straight into work
+        np.matmul(x_shift, W_chunk[: e - s].T, out=shifted)  # logits_c - shift
+        np.exp(shifted, out=shifted)  # (N, vchunk) now e_c
+        np.matmul(shifted, ones[: e - s], out=chunk_sum[:, c])  # (N,) the row sums, as one BLAS call
 
 
 def linear_cross_entropy_forward(x, W, b, targets, work, vchunk=None):
@@ -95,7 +105,7 @@ def linear_cross_entropy_forward(x, W, b, targets, work, vchunk=None):
     loss = mean_n(logsumexp(logits[n]) - logits[n, targets[n]]) with
     logits = x @ W.T + b, as linear_forward then cross_entropy_forward.
     work is a preallocated (N, V) array, N = number of positions; it ends
-    up holding the chunks' exponentials, which the backward reads (on CuPy,
+    up holding exp(logits - shift), which the backward reads (on CuPy,
     which runs the plain pair, it is not used and may be None).
     vchunk: about how many vocabulary columns a chunk has, VCHUNK by
     default, adjusted by balanced_width (any width gives the same loss, to
@@ -111,30 +121,37 @@ def linear_cross_entropy_forward(x, W, b, targets, work, vchunk=None):
     if N and not 0 <= int(targets.min()) <= int(targets.max()) < V:
         raise IndexError(f"target ids must lie in 0..{V - 1}, got {int(targets.min())}..{int(targets.max())}")
     vchunk = balanced_width(V, vchunk or VCHUNK)  # 24 chunks of 4176 for the book's V = 100,218
-    chunks = -(-V // vchunk)
-    chunk_max = np.empty((N, chunks), W.dtype)  # (N, chunks)
-    chunk_sum = np.empty((N, chunks), W.dtype)  # (N, chunks)
-    target_logit = np.empty(N, W.dtype)  # (N,)
-    parallel([(_forward_chunks, x2, W, b, targets, work, chunk_max, chunk_sum, target_logit, ranges)
-              for ranges in chunk_ranges(V, vchunk)])
-    M = chunk_max.max(axis=1, keepdims=True)  # (N, 1) each position's largest logit
-    rescale = np.exp(chunk_max - M)  # (N, chunks) exp(max_c - M) <= 1
-    S = (chunk_sum * rescale).sum(axis=1, keepdims=True)  # (N, 1) sum of exp(logits - M) over the vocabulary
-    loss = (M[:, 0] + np.log(S[:, 0]) - target_logit).mean()  # ()
-    return loss, LinearCrossEntropyCache(x, W, work, rescale / S, targets, vchunk)
+    target_logit = np.einsum("nc,nc->n", x2, W[targets]) + b[targets]  # (N,)
+    chunk_sum = np.empty((N, -(-V // vchunk)), W.dtype)  # (N, chunks)
+    x_shift = np.empty((N, x2.shape[1] + 2), W.dtype)  # (N, C+2) [x, 1, -shift]
+    x_shift[:, :-2], x_shift[:, -2] = x2, 1
+    ranges = chunk_ranges(V, vchunk)
+
+    def exp_sums(shift):  # (N,) sum over the vocabulary of exp(logits - shift); the exps go into work
+        x_shift[:, -1] = -shift
+        parallel([(_forward_chunks, x_shift, W, b, work, chunk_sum, share) for share in ranges])
+        return chunk_sum.sum(axis=1)
+
+    shift = target_logit
+    with np.errstate(over="ignore"):  # an overflow shows as S = inf, just below
+        S = exp_sums(shift)
+    if not np.isfinite(S).all():  # some logit beat its target's by ~88: shift by each row's max instead
+        shift = np.max([(x2 @ W[s:s + vchunk].T + b[s:s + vchunk]).max(axis=1) for s in range(0, V, vchunk)],
+                       axis=0)  # (N,) one more pass of products, chunk by chunk
+        S = exp_sums(shift)
+    loss = (np.log(S) + shift - target_logit).mean()  # ()
+    return loss, LinearCrossEntropyCache(x, W, work, 1 / S, targets, vchunk)
 
 
-def _backward_chunks(dloss_over_N, cache, dW, db, dx, chunks):
-    """One thread's share of the backward's dense term: rows of dW and db, and a partial dx, per chunk."""
-    x, W, work, row_scale, _, _ = cache
-    x = x.reshape(-1, W.shape[1])  # (N, C)
-    dx.fill(0)
+def _backward_chunks(x_scaled, scale, W, work, dW, db, dx_sum, chunks):
+    """One thread's share of the backward's dense term: rows of dW and db, and the sum of
+    e_c @ W_c over its chunks (dx before its row scale)."""
+    dx_sum.fill(0)
     for c, s, e in chunks:
-        exp = work[:, s:e]  # (N, vchunk) exp_c from the forward
-        scale = row_scale[:, c] * dloss_over_N  # (N,) probs_c * dloss / N = exp_c * scale per row
-        np.matmul(exp.T, x * scale[:, None], out=dW[s:e])  # (vchunk, C)
+        exp = work[:, s:e]  # (N, vchunk) e_c from the forward
+        np.matmul(exp.T, x_scaled, out=dW[s:e])  # (vchunk, C)
         np.matmul(scale, exp, out=db[s:e])  # (vchunk,)
-        dx += (exp @ W[s:e]) * scale[:, None]  # (N, C)
+        dx_sum += exp @ W[s:e]  # (N, C)
 
 
 def linear_cross_entropy_backward(dloss, cache, dW_out=None):
@@ -156,10 +173,11 @@ def linear_cross_entropy_backward(dloss, cache, dW_out=None):
     shares = chunk_ranges(V, cache.vchunk)
     dx_parts = np.empty((len(shares), N, C), x.dtype)  # (threads, N, C) one partial sum per thread
     dloss_over_N = float(dloss) / N
-    parallel([(_backward_chunks, dloss_over_N, cache, dW, db, dx_part, ranges)
-              for dx_part, ranges in zip(dx_parts, shares)])
-    dx = dx_parts.sum(axis=0)  # (N, C)
     targets, x2 = cache.targets, x.reshape(N, C)  # (N,), (N, C)
+    scale = cache.row_scale * dloss_over_N  # (N,) probs * dloss / N = e_c * scale, row by row
+    parallel([(_backward_chunks, x2 * scale[:, None], scale, W, cache.work, dW, db, dx_part, ranges)
+              for dx_part, ranges in zip(dx_parts, shares)])
+    dx = dx_parts.sum(axis=0) * scale[:, None]  # (N, C)
     scatter_add(dW, targets, x2 * -dloss_over_N)  # minus the one-hot term: only the target rows
     scatter_add(db, targets, np.full(N, -dloss_over_N, x.dtype))
     dx -= W[targets] * dloss_over_N

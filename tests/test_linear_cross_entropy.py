@@ -76,7 +76,8 @@ def test_backward_matches_finite_differences(xp, gradcheck, V, vchunk, seed):
 
 
 def test_logits_far_apart_in_different_chunks(host):
-    """Each chunk is shifted by its own max; joined, chunks 2000 below the top underflow to 0, never overflow."""
+    """A target 2000 below the top logit: shifted by the target's logit, exp overflows, so the
+    forward is redone shifted by the row max; chunks 2000 below the top underflow to 0."""
     N, C, V = 2, 1, 6
     x = np.ones((N, C))  # (N, C) so logits = W[:, 0] + b
     W = np.array([[1000.0], [999.0], [-1000.0], [-1000.0], [0.0], [1.0]])  # (V, C) chunks of 2
@@ -90,6 +91,25 @@ def test_logits_far_apart_in_different_chunks(host):
     np.testing.assert_allclose(loss, ((lse + 1000) + (lse - 999)) / 2, rtol=1e-15)
     for g, w in zip((loss, dx, dW, db), want):
         np.testing.assert_allclose(g, w, **TOL["float64"])
+
+
+@pytest.mark.parametrize("gap, passes", [(80.0, 1), (100.0, 2)])
+def test_shift_by_the_target_logit_unless_it_overflows(monkeypatch, gap, passes):
+    """float32, a logit `gap` above its target's: within exp's range (e^80 = 5.5e34) one pass of
+    products, shifted by the target's logit, is as exact as the plain pair; beyond it (e^100
+    overflows) the forward runs again shifted by the row max.  Counted through parallel()."""
+    x = np.ones((2, 1), np.float32)  # (N, C) so logits = W[:, 0] + b
+    W = np.array([[gap / 2], [0.0], [-3.0], [gap / 2], [1.0]], np.float32)  # (V, C)
+    b = np.array([gap / 2, 0.0, 0.0, gap / 2 - 0.5, -1.0], np.float32)  # logits: gap, 0, -3, gap - 0.5, 0
+    targets = np.array([1, 4])
+    calls = []
+    monkeypatch.setattr(lce, "parallel", lambda tasks: calls.append(len(tasks)) or [f(*a) for f, *a in tasks])
+    linear_cross_entropy_forward(x, W, b, targets, np.empty((2, 5), np.float32), vchunk=2)
+    assert len(calls) == passes
+    monkeypatch.undo()
+    got = fused(np, x, W, b, targets, 1.0, vchunk=2)
+    for name, g, w in zip(("loss", "dx", "dW", "db"), got, plain(x, W, b, targets, 1.0)):
+        np.testing.assert_allclose(g, w, **TOL["float32"], err_msg=name)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
