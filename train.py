@@ -213,11 +213,14 @@ def train(args):
     print(f"Model: {model.num_params():,} parameters, vocabulary {h_params['max_token_value']:,}, "
           f"{s['dtype']}")
     run = {**s, "data_sha256": data_sha}
+    # AdamW begins on the output layer while the model walks back through the blocks (see
+    # Model.backward), unless it must first see every gradient: clipped, or summed over micro-batches.
+    early_update = optimizer.start if s["grad_accum_steps"] == 1 and not s["grad_clip"] else None
     B, T, seed = s["batch_size"], s["context_length"], s["seed"]
 
     # A checkpoint (200 MB in the book's config) is written on a thread of its own while the
-    # loop goes on: evaluating and the next forward and backward only read the weights and
-    # AdamW's moments, so it need only be done before the next optimizer.step changes them.
+    # loop goes on: evaluating and the next forward only read the weights and AdamW's
+    # moments, so it need only be done before the next backward, where AdamW may start.
     writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
     writing = []  # the save in flight, if any
 
@@ -282,7 +285,8 @@ def train(args):
                 xb, yb = get_batch(train_data, B, T, np.random.default_rng([seed, 0, step, micro]))
                 model.rng = make_rng(xp, seed, 1, step, micro)
                 loss += model(xb, yb)[1] / s["grad_accum_steps"]
-                micro_grads = model.backward()
+                finish_saving()  # before AdamW changes what it writes
+                micro_grads = model.backward(head_ready=early_update)
                 if grads is None:  # a copy: the next backward() reuses its arrays
                     grads = micro_grads if s["grad_accum_steps"] == 1 else {
                         name: g.copy() for name, g in micro_grads.items()}
@@ -295,7 +299,6 @@ def train(args):
 
             if s["grad_clip"]:
                 clip_grad_norm(grads, s["grad_clip"])
-            finish_saving()  # before optimizer.step changes what it writes
             norm = optimizer.step(grads)  # the gradients' norm, summed on the way
             if not (math.isfinite(loss) and math.isfinite(norm)):  # the update is lost: nothing saves it
                 bad = next((n for n, g in grads.items() if not bool(xp.isfinite(g).all())), None)

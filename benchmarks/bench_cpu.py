@@ -63,7 +63,7 @@ def make_numpy(cfg, vocab):
 
     def step(x, y):
         loss = model(x, y)[1]
-        opt.step(model.backward())
+        opt.step(model.backward(head_ready=opt.start))  # as train.py: AdamW begins on the output layer early
         return loss
     return model, step
 

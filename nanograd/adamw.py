@@ -1,9 +1,10 @@
 """AdamW, written out, with torch.optim.AdamW's semantics and defaults (and one guard: see AdamW)."""
 import math
+from concurrent.futures import Future
 
 import numpy as np
 
-from .backend import fused_kernels, get_array_module, parallel
+from .backend import fused_kernels, get_array_module, submit
 
 BLOCK = 1 << 16  # elements per block of the CPU path: p, m, v, g and scratch (5 x 256 KB) stay in L2 cache
 PART = 1 << 20   # elements per task handed to a CPU thread
@@ -118,6 +119,8 @@ class AdamW:
         self.t = 0
         self.m = {name: get_array_module(p).zeros_like(p) for name, p in params.items()}
         self.v = {name: get_array_module(p).zeros_like(p) for name, p in params.items()}
+        self.started = set()  # names whose update in this step start() has begun
+        self.squares = []  # this step's sums of squared gradient elements so far, or futures of them
 
     def step(self, grads):
         """One update of every parameter from grads (same names).  Returns the
@@ -129,27 +132,47 @@ class AdamW:
         On NumPy the parameters are cut into parts of at most PART elements,
         small parameters grouped together, and the CPU threads update the
         parts at once (elementwise, so any cut gives the same numbers).
+        Parameters whose update start() began are only waited for.
         """
-        self.t += 1
-        settings = (self.lr, *self.betas, self.eps, self.weight_decay, self.t)
-        flat = []  # (p, g, m, v) of each NumPy parameter, as 1-D views: p, m, v are contiguous
-        squares = []  # sums of squared gradient elements: floats, or device scalars on CuPy
-        for name, p in self.params.items():
-            arrays = (p, grads[name], self.m[name], self.v[name])
-            if isinstance(p, np.ndarray):
-                flat.append([a.reshape(-1) for a in arrays])
-            else:
-                g = arrays[1].reshape(-1)
-                squares.append(get_array_module(g).dot(g, g))
-                adamw_update(*arrays, *settings)
-        groups = element_groups([p.size for p, _, _, _ in flat], PART)
-        squares += parallel([(_update_group, [[a[start:stop] for a in flat[i]] for i, start, stop in group],
-                              settings) for group in groups])
+        self._launch({name: grads[name] for name in self.params if name not in self.started}, split=True)
+        squares = [s.result() if isinstance(s, Future) else s for s in self.squares]  # waits for the threads
+        self.started, self.squares = set(), []
         interval = self.flush_interval()
         if interval and self.t % interval == 0:
             for moment in (*self.m.values(), *self.v.values()):
                 moment[get_array_module(moment).abs(moment) < TINY] = 0
         return math.sqrt(float(sum(squares)))
+
+    def start(self, grads):
+        """Begin this step's update of the parameters named in grads, and return at once:
+        on NumPy one CPU thread works on it meanwhile, leaving the caller a core (so grads
+        and these parameters must not change until step() returns).  step() updates the
+        others and waits.
+
+        train.py starts the output layer's update (half of the parameters) while the model
+        walks back through the blocks, whose small operations keep only one core busy.
+        """
+        self._launch(grads, split=False)
+
+    def _launch(self, grads, split):
+        """Queue the updates of grads' parameters: as one thread task, or split over every CPU thread."""
+        if grads and not self.started:  # the step's first update
+            self.t += 1
+        self.started.update(grads)
+        settings = (self.lr, *self.betas, self.eps, self.weight_decay, self.t)
+        flat = []  # (p, g, m, v) of each NumPy parameter, as 1-D views: p, m, v are contiguous
+        for name, g in grads.items():
+            arrays = (self.params[name], g, self.m[name], self.v[name])
+            if isinstance(arrays[0], np.ndarray):
+                flat.append([a.reshape(-1) for a in arrays])
+            else:  # CuPy: one fused kernel per parameter, queued on the GPU
+                self.squares.append(get_array_module(g).dot(g.reshape(-1), g.reshape(-1)))
+                adamw_update(*arrays, *settings)
+        groups = element_groups([p.size for p, _, _, _ in flat], PART)
+        tasks = [[[a[start:stop] for a in flat[i]] for i, start, stop in group] for group in groups]
+        if tasks and not split:
+            tasks = [sum(tasks, [])]  # one task: the parts one after another
+        self.squares += submit([(_update_group, task, settings) for task in tasks])
 
     def flush_interval(self):
         """Steps within which a moment of at least TINY, decaying by beta1 or beta2 a step,

@@ -124,11 +124,16 @@ def parallel(tasks):
     threads really work at once.  Errors are re-raised, and the caller's
     np.errstate holds in the threads too (it is per thread).
     """
+    return [future.result() for future in submit(tasks)]
+
+
+def submit(tasks):
+    """parallel() without the wait: the tasks' futures, at once (future.result() waits for one)."""
     global _pool
     if _pool is None:
         _pool = ThreadPoolExecutor(cpu_threads(), thread_name_prefix="nanograd")
     errors = np.geterr()
-    return [future.result() for future in [_pool.submit(_run, errors, *task) for task in tasks]]
+    return [_pool.submit(_run, errors, *task) for task in tasks]
 
 
 def _run(errors, function, *args):

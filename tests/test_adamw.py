@@ -253,6 +253,24 @@ def test_step_returns_the_gradients_global_norm(xp):
     assert not np.isfinite(opt.step(on(xp, grads)))
 
 
+@pytest.mark.parametrize("started", [(), ("head",), ("head", "wte"), tuple(SHAPES) + ("big",)])
+def test_start_then_step_equals_step(xp, started):
+    """start() on some parameters (one of them cut into PART-sized parts), then step():
+    bit-identical parameters, moments, t and norm to step() alone, step after step."""
+    rng = np.random.default_rng(9)
+    shapes = {**SHAPES, "big": (PART * 2 + 3,)}
+    params = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    plain, early = AdamW(on(xp, params), lr=1e-2), AdamW(on(xp, params), lr=1e-2)
+    for _ in range(3):
+        grads = on(xp, {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()})
+        early.start({name: grads[name] for name in started})
+        assert early.step(grads) == plain.step(grads)
+    assert early.t == plain.t == 3
+    for name in shapes:
+        for a, b in ((early.params, plain.params), (early.m, plain.m), (early.v, plain.v)):
+            np.testing.assert_array_equal(to_host(a[name]), to_host(b[name]), err_msg=name)
+
+
 def test_non_contiguous_parameter_is_refused(xp):
     """Parameters are updated in place through flat views, so they must be C-contiguous."""
     with pytest.raises(ValueError, match="parameter w "):

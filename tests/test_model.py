@@ -135,8 +135,10 @@ def test_float32_model_matches_float64_oracle():
         assert_close(grads[name], t_grads[name], RTOL32, ATOL32_SCALE, f"d{name}")
 
 
-def test_ten_adamw_steps_match_torch(return_logits):
-    """llm.c's test_gpt2: several optimizer steps, new random batches each, losses and final weights."""
+@pytest.mark.parametrize("early", [False, True], ids=["step", "start-in-backward"])
+def test_ten_adamw_steps_match_torch(return_logits, early):
+    """llm.c's test_gpt2: several optimizer steps, new random batches each, losses and final weights;
+    also with AdamW starting on the output layer from inside backward(), as train.py runs it."""
     h = {**BASE, "num_blocks": 1}
     model = Model(h, dtype="float64", seed=5)
     model.return_logits = return_logits
@@ -150,7 +152,7 @@ def test_ten_adamw_steps_match_torch(return_logits):
     for _ in range(10):
         x, y = tokens(rng, 2, 8, h["max_token_value"])
         losses.append(model(x, y)[1])
-        optimizer.step(model.backward())
+        optimizer.step(model.backward(head_ready=optimizer.start if early else None))
         torch_losses.append(book_torch.book_train_step(torch_model, torch_optimizer,
                                                        torch.from_numpy(x), torch.from_numpy(y)))
     np.testing.assert_allclose(losses, torch_losses, rtol=RTOL64, atol=0)
@@ -158,6 +160,19 @@ def test_ten_adamw_steps_match_torch(return_logits):
     for name, p in torch_model.named_parameters():
         assert not np.array_equal(model.params[name], start[name]), name
         assert_close(model.params[name], p.detach().numpy(), RTOL64, ATOL64_SCALE, name)
+
+
+def test_head_ready_gets_the_output_layers_final_gradients_once():
+    model = Model(BASE, dtype="float64", seed=3)
+    x, y = tokens(np.random.default_rng(4), 2, 8, BASE["max_token_value"])
+    model(x, y)
+    calls = []
+    grads = model.backward(head_ready=lambda head: calls.append(copies(head)))
+    assert len(calls) == 1
+    head = calls[0]
+    assert sorted(head) == ["model_out_linear_layer.bias", "model_out_linear_layer.weight"]
+    for name, g in head.items():
+        np.testing.assert_array_equal(g, grads[name], err_msg=name)
 
 
 def test_grad_accumulation_equals_one_big_batch():

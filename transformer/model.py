@@ -255,12 +255,17 @@ class Model:
     forward = __call__
 
     # ---- backward ---------------------------------------------------------
-    def backward(self):
+    def backward(self, head_ready=None):
         """Gradients of the last forward's mean loss: a dict keyed like params.
 
         The forward read in reverse.  Where a tensor fed two places (the
         residual stream x feeds both the branch and the sum), the two
         incoming gradients are added with an explicit +=.
+
+        head_ready, if given, is called with the output layer's gradients
+        (a dict) as soon as they are final, before the walk back through the
+        blocks: train.py starts AdamW on them there (AdamW.start), on the
+        core that the blocks' small operations leave idle.
         """
         cache = self.cache
         if cache is None or cache.loss is None:
@@ -275,6 +280,8 @@ class Model:
             dlogits = cross_entropy_backward(1.0, cache.loss)  # (B*T, V)
             dx, dW, db = linear_backward(dlogits.reshape(B, T, -1), cache.head, dW_out=dW_head)  # (B, T, C)
         grads["model_out_linear_layer.weight"], grads["model_out_linear_layer.bias"] = dW, db
+        if head_ready is not None:
+            head_ready({"model_out_linear_layer.weight": dW, "model_out_linear_layer.bias": db})
         final = f"transformer_blocks.{NB}."
         dx, grads[final + "weight"], grads[final + "bias"] = layernorm_backward(dx, cache.ln_final)
         for i in reversed(range(NB)):
