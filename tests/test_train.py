@@ -272,6 +272,42 @@ def test_grad_accumulation_averages_the_micro_batches(corpus, tmp_path, capsys):
                                    atol=MOMENT_ATOL_SCALE * np.abs(mean).max(), err_msg=name)
 
 
+def test_grad_clip_scales_every_gradient_before_adamw_sees_it(corpus, tmp_path, capsys):
+    """One step of --grad-clip 0.01: AdamW's first moment is 0.1 * g * 0.01 / |g| for every
+    parameter, the output layer's too (it must not start updating before the clip)."""
+    ckpt = tmp_path / "clip.ckpt"
+    run_main(["--data", corpus, *TINY, "--dropout", 0, "--dtype", "float64", "--max-iters", 1,
+              "--grad-clip", 0.01, "--out", ckpt], capsys)
+    tensors, meta = load_state(ckpt)
+    model = Model(meta["h_params"], dtype="float64", seed=1337)  # the run's initial weights
+    x, y = train.get_batch(split(corpus_ids(corpus))[0], 4, 16, np.random.default_rng([1337, 0, 0, 0]))
+    model(x, y)
+    grads = model.backward()
+    norm = math.sqrt(sum(float(np.sum(g * g)) for g in grads.values()))
+    assert norm > 0.01  # so the clip did scale
+    for name, g in grads.items():
+        np.testing.assert_allclose(tensors[f"adamw/m/{name}"], 0.1 * g * (0.01 / (norm + 1e-6)), rtol=MOMENT_RTOL,
+                                   atol=MOMENT_ATOL_SCALE * np.abs(g).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("flags, early", [([], True), (["--grad-clip", "1.0"], False),
+                                          (["--grad-accum-steps", "2"], False)])
+def test_adamw_starts_early_only_when_it_need_not_see_every_gradient(corpus, tmp_path, capsys, monkeypatch,
+                                                                     flags, early):
+    """By default AdamW begins on the output layer inside backward(), once a step; a clip or a
+    sum over micro-batches needs every gradient first, so then it never starts early."""
+    starts = []
+
+    class RecordingAdamW(train.AdamW):
+        def start(self, grads):
+            starts.append(sorted(grads))
+            super().start(grads)
+    monkeypatch.setattr(train, "AdamW", RecordingAdamW)
+    run_main(["--data", corpus, *TINY, "--max-iters", 3, "--out", tmp_path / "m.ckpt", *flags], capsys)
+    head = ["model_out_linear_layer.bias", "model_out_linear_layer.weight"]
+    assert starts == ([head] * 3 if early else [])
+
+
 def test_checkpoints_are_written_beside_the_loop_from_a_still_state(corpus, tmp_path, capsys, monkeypatch):
     """The saves at steps 10 and 20 run on another thread while the loop goes on, and the
     weights and moments they write do not change until they are written (a slow disk here: 0.3 s)."""
