@@ -27,10 +27,10 @@ from nanograd import AdamW
 from nanograd.backend import BackendError, cpu_threads, get_backend, make_rng
 from nanograd.clip import clip_grad_norm
 from transformer import Model
+from transformer.checkpoint import save_checkpoint
 from transformer.data import check_splits, default_corpus, get_batch, read_text, split, tokenize
 from transformer.errors import CheckpointError, OneLineParser, UserError, run_command
 from transformer.schedule import learning_rate
-from transformer.checkpoint import save_checkpoint
 from transformer.state import check_resumable, load_params, load_state, restore_optimizer, state_contents
 from transformer.tokenizer import get_tokenizer
 

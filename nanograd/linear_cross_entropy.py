@@ -147,7 +147,7 @@ def _backward_chunks(x_scaled, scale, W, work, dW, db, dx_sum, chunks):
     """One thread's share of the backward's dense term: rows of dW and db, and the sum of
     e_c @ W_c over its chunks (dx before its row scale)."""
     dx_sum.fill(0)
-    for c, s, e in chunks:
+    for _, s, e in chunks:
         exp = work[:, s:e]  # (N, vchunk) e_c from the forward
         np.matmul(exp.T, x_scaled, out=dW[s:e])  # (vchunk, C)
         np.matmul(scale, exp, out=db[s:e])  # (vchunk,)
