@@ -138,7 +138,7 @@ def test_missing_and_directory(tmp_path):
 def test_unreadable(saved, monkeypatch):
     def deny(*args, **kwargs):  # chmod 000 does not stop root, so fake the refusal
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(checkpoint, "open", deny, raising=False)
+    monkeypatch.setattr(checkpoint, "read_file", deny)
     expect_error(saved[0], "cannot read.*permissions")
 
 

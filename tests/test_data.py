@@ -45,7 +45,7 @@ def test_read_text_unreadable(tmp_path, monkeypatch):
 
     def deny(*args, **kwargs):  # chmod 000 does not stop root, so fake the refusal
         raise PermissionError(13, "Permission denied", str(path))
-    monkeypatch.setattr(data, "open", deny, raising=False)
+    monkeypatch.setattr(data, "read_file", deny)
     with pytest.raises(UserError, match="Permission denied.*permissions"):
         data.read_text(path)
 

@@ -59,7 +59,7 @@ def test_missing_parameter_is_refused(tmp_path):
         load_state(tmp_path / "bad.ckpt")
 
 
-@pytest.mark.parametrize("bad_run, message", [({"d_model": "x"}, "malformed d_model"),
+@pytest.mark.parametrize("bad_run, message", [({"d_model": "x"}, "malformed run.d_model"),
                                               (None, "no optimizer state")])
 def test_resume_refuses_unusable_checkpoints_in_one_line(tmp_path, bad_run, message):
     model, opt = trained(tmp_path)

@@ -17,6 +17,7 @@ import struct
 import numpy as np
 
 from .errors import CheckpointError
+from .validate import read_file
 
 MAGIC = b"\x89NGCKPT\n"  # non-ASCII first byte: never text; "\n" catches newline mangling
 FORMAT_VERSION = 1
@@ -25,6 +26,8 @@ DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32"
           "float16", "float32", "float64")
 _PREFIX = struct.Struct("<8sIQ")  # magic, version, header length: 20 bytes
 _DIGEST = 32  # sha256 of everything before it
+MAX_NDIM = 32  # NumPy allows 64; no tensor of a model has more than a few
+MAX_DIM = 2**48  # one dimension's length: an empty tensor may claim any, NumPy refuses past 2**63
 
 
 def _tensor_bytes(array):
@@ -103,8 +106,7 @@ def _read(path):
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path} is a directory; pass the checkpoint file inside it")
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return read_file(path, "checkpoint", CheckpointError)  # a regular file, held twice at most
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path} ({e.strerror}); check its permissions") from e
 
@@ -165,6 +167,9 @@ def _check_entry(path, name, entry, data_len):
     if not (isinstance(shape, list) and all(map(_is_count, shape))
             and _is_count(offset) and _is_count(nbytes)):
         raise CheckpointError(f"{where} has a malformed shape, offset or size; the file is damaged")
+    if len(shape) > MAX_NDIM or any(n >= MAX_DIM for n in shape):
+        raise CheckpointError(f"{where} has a shape of {len(shape)} dimensions up to {max(shape, default=0)} "
+                              f"long, beyond {MAX_NDIM} dimensions of under 2**48; the file is damaged")
     if offset + nbytes > data_len:
         raise CheckpointError(f"{where} lies outside the file's data section; the file is damaged")
     if math.prod(shape) * np.dtype(entry["dtype"]).itemsize != nbytes:

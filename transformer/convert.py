@@ -15,31 +15,75 @@ import numpy as np
 
 from .errors import CheckpointError, OneLineParser, UserError, run_command
 from .checkpoint import MAGIC
-from .model import Model, parameter_shapes, validate_h_params
+from . import validate
+from .model import Model, parameter_shapes
+from .validate import check_h_params, check_memory, model_bytes, read_file
 from .state import build_model, load_state, save_state
 
 
 def book_to_ours(src, dst):
     """The book's torch checkpoint at src -> our format at dst (weights only, no optimizer)."""
+    import io
+
     import torch
     try:
-        ckpt = torch.load(src, map_location="cpu", weights_only=True)
+        raw = read_file(src, "checkpoint", per_byte=3)  # the bytes, torch's tensors, our copies
+    except OSError as e:
+        raise UserError(f"cannot read {src} ({e.strerror}); check its permissions") from None
+    try:
+        ckpt = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for foreign or damaged files
         raise UserError(f"{src} is neither a checkpoint of ours nor a PyTorch checkpoint torch can "
                         f"load safely ({type(e).__name__})") from None
-    if not (isinstance(ckpt, dict) and "model_state_dict" in ckpt and "h_params" in ckpt):
-        raise UserError(f"{src} is a PyTorch file but not the book's {{'model_state_dict', 'h_params'}} checkpoint")
-    h_params = {k: v for k, v in ckpt["h_params"].items() if isinstance(v, (int, float, str, bool))}
-    validate_h_params(h_params)
-    state = {k: v for k, v in ckpt["model_state_dict"].items() if not k.endswith(".mask")}
-    expected = parameter_shapes(h_params)
-    if set(state) != set(expected) or any(tuple(state[k].shape) != expected[k] for k in expected):
-        raise UserError(f"{src}'s weights do not match the book's model for its own h_params")
-    dtype = "float64" if state["token_embedding_lookup_table.weight"].dtype == torch.float64 else "float32"
+    del raw
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model_state_dict"), dict)
+            and isinstance(ckpt.get("h_params"), dict)):
+        raise UserError(f"{src} is a PyTorch file but not the book's {{'model_state_dict', 'h_params'}} "
+                        "checkpoint (two dicts)")
+    h_params = {k: v for k, v in ckpt["h_params"].items()
+                if isinstance(k, str) and isinstance(v, (int, float, str, bool))}
+    try:
+        check_h_params(h_params)
+    except UserError as e:
+        raise UserError(f"{src} holds unusable h_params: {e}") from None
+    state = {k: v for k, v in ckpt["model_state_dict"].items() if not (isinstance(k, str) and k.endswith(".mask"))}
+    dtype = check_torch_state(src, state, h_params)
+    check_memory(model_bytes(h_params, 8) + sum(v.numel() for v in state.values()) * 8,
+                 f"converting {src} (d_model {h_params['d_model']}, num_blocks {h_params['num_blocks']}, "
+                 f"context_length {h_params['context_length']}) needs", "use a machine with more memory")
     model = Model(h_params, dtype=dtype)
     for name, p in model.params.items():
         p[...] = state[name].detach().numpy()
     save_state(dst, model, run={"converted_from": os.path.abspath(src)})
+
+
+def check_torch_state(src, state, h_params):
+    """UserError unless state holds exactly the book model's dense, finite float32 or float64
+    tensors for h_params; returns that dtype's name.  Counted before listing the names, so a
+    crafted num_blocks costs nothing."""
+    import torch
+    if validate.parameter_tensor_count(h_params) != len(state):
+        raise UserError(f"{src} holds {len(state)} weight tensors but the book's model for its h_params "
+                        f"has {validate.parameter_tensor_count(h_params)}; its weights do not match its h_params")
+    expected = parameter_shapes(h_params)
+    if set(state) != set(expected):
+        raise UserError(f"{src}'s weights do not match the book's model for its own h_params")
+    kinds = {torch.float32: "float32", torch.float64: "float64"}
+    for name, shape in expected.items():
+        value = state[name]
+        if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+            what = type(value).__name__ if not isinstance(value, torch.Tensor) else f"a {value.layout} tensor"
+            raise UserError(f"{src}'s weight {name} is {what}, not a dense tensor; save the model's "
+                            "state_dict() as the book does")
+        if value.dtype not in kinds:
+            raise UserError(f"{src}'s weight {name} is {value.dtype}; only float32 and float64 convert "
+                            "exactly (convert the model with .float() first)")
+        if tuple(value.shape) != shape:
+            raise UserError(f"{src}'s weight {name} has shape {tuple(value.shape)} but the book's model "
+                            f"for its h_params needs {shape}")
+        if not bool(torch.isfinite(value).all()):
+            raise UserError(f"{src}'s weight {name} holds NaN or infinite values; nothing to convert")
+    return kinds[state["token_embedding_lookup_table.weight"].dtype]
 
 
 def ours_to_book(src, dst):
@@ -53,13 +97,40 @@ def ours_to_book(src, dst):
     model = build_model(tensors, meta)
     torch_model = book_torch.Model(meta["h_params"]).to(torch.float64 if model.dtype == np.float64 else torch.float32)
     book_torch.load_numpy_params(torch_model, {k: np.asarray(v) for k, v in model.params.items()})
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)  # as save_checkpoint does
     tmp = f"{dst}.tmp.{os.getpid()}"
-    torch.save({"model_state_dict": torch_model.state_dict(), "h_params": dict(meta["h_params"])}, tmp)
-    os.replace(tmp, dst)
+    try:
+        torch.save({"model_state_dict": torch_model.state_dict(), "h_params": dict(meta["h_params"])}, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def check_dst(dst):
+    """UserError unless a file can be written at dst (its missing folders are created): found
+    before converting, so a bad path costs no work and leaves nothing behind."""
+    if os.path.isdir(dst):
+        raise UserError(f"{dst} is a directory; give a file path such as {os.path.join(dst, 'model.ckpt')}")
+    folder = os.path.dirname(os.path.abspath(dst))
+    while not os.path.exists(folder):  # the nearest folder that exists; the rest will be created
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"{dst} cannot be created because {folder} is a file; choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{dst} cannot be written: no write permission in {folder}; choose another path")
 
 
 def is_ours(path):
-    with open(path, "rb") as f:
+    """True when the regular file at path starts with our magic bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # main() checked it is a regular file
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}); check its permissions") from None
+    with os.fdopen(fd, "rb") as f:
         return f.read(len(MAGIC)) == MAGIC
 
 
@@ -74,16 +145,21 @@ def main(argv=None):
             raise UserError(f"{args.src} does not exist or is not a file; give a checkpoint path")
         if os.path.exists(args.dst) and not args.force:
             raise UserError(f"{args.dst} exists; choose another path or pass --force to overwrite it")
+        check_dst(args.dst)
         try:
             import torch  # noqa: F401
         except ImportError:
             raise UserError("converting needs PyTorch: pip install torch") from None
-        if is_ours(args.src):
-            ours_to_book(args.src, args.dst)
-            print(f"Wrote the book's PyTorch checkpoint {args.dst}")
-        else:
-            book_to_ours(args.src, args.dst)
-            print(f"Wrote {args.dst} (load it with inference.py --ckpt {args.dst})")
+        try:
+            if is_ours(args.src):
+                ours_to_book(args.src, args.dst)
+                print(f"Wrote the book's PyTorch checkpoint {args.dst}")
+            else:
+                book_to_ours(args.src, args.dst)
+                print(f"Wrote {args.dst} (load it with inference.py --ckpt {args.dst})")
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
+            raise UserError(f"cannot write {args.dst} ({reason}); nothing was written there") from None
     except (UserError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,7 +13,10 @@ import sysconfig
 import numpy as np
 
 from .errors import UserError
+from .validate import read_file
 
+# Memory per byte of a text file: the bytes, the str, tiktoken's list of ids and their int64 array.
+TEXT_BYTES_PER_BYTE = 16
 CORPUS_CHARS = 1_000_000  # the default corpus stops before exceeding this many characters
 MIN_DOCSTRING_CHARS = 40  # shorter docstrings are mostly "Return x." one-liners, not prose
 # Directories of the standard library that hold no library prose of their own.
@@ -28,8 +31,7 @@ def read_text(path) -> str:
     if os.path.isdir(path):
         raise UserError(f"{path} is a directory; pass the path of a UTF-8 text file")
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = read_file(path, "text file", per_byte=TEXT_BYTES_PER_BYTE)  # never a FIFO or a device
     except OSError as e:
         raise UserError(f"cannot read text file {path} ({e.strerror}); check its permissions") from e
     try:
@@ -112,9 +114,8 @@ def default_corpus() -> str:
     """
     path = _cache_path()
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError):
+        return read_file(path, "corpus cache").decode("utf-8")  # a FIFO there is skipped, not waited on
+    except (OSError, UnicodeDecodeError, UserError):
         pass
     text = build_default_corpus()
     tmp = f"{path}.tmp.{os.getpid()}"

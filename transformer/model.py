@@ -24,6 +24,7 @@ from nanograd.cross_entropy import cross_entropy_backward, cross_entropy_forward
 from nanograd.linear_cross_entropy import linear_cross_entropy_backward, linear_cross_entropy_forward
 
 from .errors import UserError
+from .validate import check_h_params
 
 
 def position_table(context_length, d_model):
@@ -41,19 +42,8 @@ def position_table(context_length, d_model):
 
 
 def validate_h_params(h_params):
-    """UserError naming the first setting the model cannot be built with."""
-    for key in ("d_model", "num_blocks", "num_heads", "context_length", "max_token_value"):
-        if key not in h_params:
-            raise UserError(f"h_params lacks {key!r}; the model cannot be built without it.")
-        value = h_params[key]
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise UserError(f"{key} must be a positive integer, got {value!r}.")
-    if h_params["d_model"] % h_params["num_heads"]:
-        raise UserError(f"d_model ({h_params['d_model']}) must be divisible by num_heads "
-                        f"({h_params['num_heads']}); each head gets d_model // num_heads channels.")
-    dropout = h_params.get("dropout", 0.0)
-    if not 0.0 <= dropout < 1.0:
-        raise UserError(f"dropout must lie in [0, 1), got {dropout!r}.")
+    """UserError naming the first setting the model cannot be built with (transformer/validate.py)."""
+    check_h_params(h_params)
 
 
 def parameter_shapes(h_params):

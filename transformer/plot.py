@@ -15,6 +15,9 @@ import os
 import sys
 
 from .errors import OneLineParser, UserError, run_command
+from .validate import is_real, read_file
+
+METRICS_BYTES_PER_BYTE = 40  # a 60-byte JSON line becomes a dict of a few floats: about 1 kB
 
 CURVES = (("train_loss", "training loss (estimate)"),
           ("valid_loss", "validation loss (estimate)"),
@@ -29,8 +32,7 @@ def read_metrics(path):
     if os.path.isdir(path):
         raise UserError(f"{path} is a directory; pass the .metrics.jsonl file inside it")
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = read_file(path, "metrics file", per_byte=METRICS_BYTES_PER_BYTE)  # never a FIFO or a device
     except OSError as e:
         raise UserError(f"cannot read metrics file {path} ({e.strerror}); check its permissions") from e
     by_step = {}
@@ -54,11 +56,13 @@ def read_metrics(path):
 
 
 def _is_step(value):
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A step number matplotlib can place: an int in [0, 2**53), exact as a float."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53
 
 
 def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A loss: an int or float (NaN and infinities too, drawn as gaps) that converts to a float."""
+    return is_real(value) or isinstance(value, float)
 
 
 def plot(records, out, title=None):

@@ -15,8 +15,9 @@ import numpy as np
 from nanograd.backend import to_host
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .errors import CheckpointError, UserError
-from .model import Model, parameter_shapes, validate_h_params
+from .errors import CheckpointError
+from .model import Model, parameter_shapes
+from .validate import check_state
 
 FORMAT = "nanograd-transformer"
 
@@ -47,25 +48,7 @@ def state_contents(model, optimizer=None, step=0, run=None, vocab=None):
 def load_state(path):
     """(tensors, meta) of a checkpoint of this project, checked to describe a whole model."""
     tensors, meta = load_checkpoint(path)
-    if meta.get("format") != FORMAT or not isinstance(meta.get("h_params"), dict):
-        raise CheckpointError(f"{path} is a checkpoint file but not of a {FORMAT} model; "
-                              "pass a checkpoint written by train.py")
-    try:
-        validate_h_params(meta["h_params"])
-    except UserError as e:
-        raise CheckpointError(f"checkpoint {path} holds unusable h_params: {e}") from e
-    step, run, adamw = meta.get("step", 0), meta.get("run", {}), meta.get("adamw")
-    if (not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(run, dict)
-            or not (adamw is None or isinstance(adamw, dict)
-                    and all(isinstance(adamw.get(k), (int, float)) for k in ("lr", "eps", "weight_decay", "t"))
-                    and isinstance(adamw.get("betas"), list) and len(adamw["betas"]) == 2)):
-        raise CheckpointError(f"checkpoint {path} has malformed step, run or optimizer entries; "
-                              "the file was edited or damaged, use another copy")
-    for name, shape in parameter_shapes(meta["h_params"]).items():
-        stored = tensors.get(f"params/{name}")
-        if stored is None or stored.shape != tuple(shape):
-            raise CheckpointError(f"checkpoint {path} lacks parameter {name} of shape {tuple(shape)}; "
-                                  "it does not match its own h_params")
+    check_state(tensors, meta, path, FORMAT)  # every field and tensor, and the memory it needs
     return tensors, meta
 
 

@@ -1,0 +1,345 @@
+"""One checkpoint for everything that comes from outside: files read from disk and sizes from flags.
+
+    read_file(path, what)          the bytes of a regular file, its size checked before reading
+    check_h_params(h)              the model's settings: types, ranges, consistency
+    check_state(tensors, meta)     a whole checkpoint of ours: every meta field and tensor
+    model_bytes / training_bytes / generation_bytes
+                                   memory estimates, computed from the settings alone
+    check_memory(need, what, fix)  refuse an estimate above what this machine has
+
+Every refusal is a UserError (a CheckpointError for checkpoints): one sentence, which the
+scripts print as `error: ...` and exit 2.  Nothing here allocates more than the numbers it checks.
+"""
+import math
+import os
+import stat
+
+import numpy as np
+
+from .errors import CheckpointError, UserError
+
+MEMORY_LIMIT_ENV = "NANOGRAD_MEMORY_LIMIT"  # bytes; caps the budget below the machine's (tests, shared hosts)
+TOKENIZER_IDS = 100277  # cl100k_base: ranks 0..100255 and special tokens up to 100276
+FLOATS = ("float32", "float64")
+MAX_SEED = 2**64  # seeds are NumPy SeedSequence entropy: 0 <= seed < 2**64
+MAX_COUNT = 2**62  # a step, an iteration count: far beyond any run, far below int64 overflow
+
+
+# ---- memory ------------------------------------------------------------------------------
+
+def memory_budget():
+    """Bytes this process may plan to use: the memory available now, capped by $NANOGRAD_MEMORY_LIMIT."""
+    budget = None
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f.read(1 << 16).splitlines():
+                if line.startswith(b"MemAvailable:"):
+                    budget = int(line.split()[1]) * 1024  # the file counts kB
+    except (OSError, ValueError, IndexError):
+        pass
+    if budget is None:
+        try:
+            budget = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            budget = 2**63
+    limit = os.environ.get(MEMORY_LIMIT_ENV, "")
+    if limit.isdigit():
+        budget = min(budget, int(limit))
+    return budget
+
+
+def size_text(nbytes):
+    """12800000000 -> '12.8 GB' (decimal units, as disks and `free -h --si` count)."""
+    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB"):
+        if nbytes < 1000 or unit == "PB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.3g} EB"
+
+
+def check_memory(need, what, fix):
+    """UserError unless `need` bytes fit in the budget: '<what> need(s) about N of memory but ...; <fix>'."""
+    budget = memory_budget()
+    if need > budget:
+        raise UserError(f"{what} about {size_text(need)} of memory but this machine has "
+                        f"{size_text(budget)} available; {fix}")
+
+
+def parameter_count(h):
+    """Number of model parameters, from h_params alone (what parameter_shapes would list, summed)."""
+    C, NB, V = h["d_model"], h["num_blocks"], h["max_token_value"]
+    per_block = 12 * C * C + 10 * C  # ln1, ln2 (4C); Wq, Wk, Wv (3C^2); proj (C^2 + C); ffn (8C^2 + 5C)
+    return V * C + NB * per_block + 2 * C + V * C + V  # embedding, blocks, final LayerNorm, output layer
+
+
+def parameter_tensor_count(h):
+    """Number of tensors parameter_shapes(h) lists, without listing them."""
+    return 5 + h["num_blocks"] * (10 + 3 * h["num_heads"])  # per block: 4 LayerNorm, 3 per head, 2 proj, 4 ffn
+
+
+def model_bytes(h, itemsize):
+    """Host bytes Model(h) takes while it is built: float64 initial values, the model's own
+    arrays, the per-block (3, NH, hs, C) stacks and the position table with its temporaries."""
+    C, NB, T = h["d_model"], h["num_blocks"], h["context_length"]
+    P = parameter_count(h)
+    return P * (8 + itemsize) + NB * 3 * C * C * 8 + T * C * (24 + itemsize)
+
+
+def training_bytes(h, itemsize, batch_size, accum_steps=1):
+    """Bytes of a training run: the model, its gradients, AdamW's two moments, (with
+    micro-batches) the summed gradients, and one batch's forward caches and work buffers."""
+    C, NB, NH, T, V = h["d_model"], h["num_blocks"], h["num_heads"], h["context_length"], h["max_token_value"]
+    B, P = batch_size, parameter_count(h)
+    per_block = B * T * 24 * C + 2 * B * NH * T * T  # LayerNorm, q/k/v, ffn activations; scores and weights
+    state = P * (3 + (accum_steps > 1))  # gradients, m, v (+ their running sum)
+    head = B * T * V + B * T * C * 4  # the fused output layer's (B*T, V) work buffer, the final LayerNorm
+    return model_bytes(h, itemsize) + (state + NB * per_block + head) * itemsize + B * T * 8 * 4
+
+
+def generation_bytes(h, itemsize, prompt_tokens, new_tokens):
+    """Bytes of generating new_tokens after a prompt: the key/value cache, one window's
+    forward (its attention weights kept per block) and float64 logits, and the ids."""
+    C, NB, NH, T, V = h["d_model"], h["num_blocks"], h["num_heads"], h["context_length"], h["max_token_value"]
+    W = min(T, prompt_tokens + new_tokens)  # the longest window the model ever sees
+    kv = 2 * NB * T * C * itemsize
+    window = NB * (W * 24 * C + 2 * NH * W * W) * itemsize + W * V * (itemsize + 8)
+    return kv + window + V * 8 * 4 + (prompt_tokens + new_tokens) * 8 * 2
+
+
+# ---- files -------------------------------------------------------------------------------
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def read_file(path, what, error=UserError, per_byte=2):
+    """The bytes of the regular file at path, `error` if it is a pipe, a device or too big.
+
+    Opened without blocking (a FIFO would otherwise wait for a writer forever), checked
+    with fstat on the open file, and read only up to the size it had then: /dev/zero and
+    a file that grows are never read without end.  per_byte: bytes of memory that
+    handling one byte of the file takes (the read itself and what is built from it).
+    OSError (missing, no permission) is left to the caller, who words it for its file.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = next((name for test, name in _KINDS if test(info.st_mode)), "not a regular file")
+            raise error(f"{what} {path} is {kind}, not a regular file; pass the path of a file")
+        check_memory(info.st_size * per_byte, f"reading {what} {path} ({size_text(info.st_size)}) needs",
+                     "pass a smaller file or use a machine with more memory")
+        return f.read(info.st_size)
+
+
+# ---- settings ----------------------------------------------------------------------------
+
+def is_int(value):
+    """An int that is not a bool (JSON true is not a count)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value):
+    """A finite int or float that is not a bool (JSON's NaN and Infinity are not settings)."""
+    if is_int(value):
+        return abs(value) < 2**1023
+    return isinstance(value, (float, np.floating)) and math.isfinite(value)
+
+
+def _count(value, low, high=MAX_COUNT):
+    return is_int(value) and low <= value < high
+
+
+# name -> (test, what it must be): the book's h_params and the run settings train.py saves.
+_POSITIVE = (lambda v: _count(v, 1), "a positive integer")
+_NON_NEGATIVE = (lambda v: _count(v, 0), "an integer, 0 or more")
+_RATE = (lambda v: is_real(v) and v > 0, "a finite number greater than 0")
+_NON_NEGATIVE_REAL = (lambda v: is_real(v) and v >= 0, "a finite number, 0 or more")
+_DROPOUT = (lambda v: is_real(v) and 0 <= v < 1, "a number in [0, 1)")
+_SEED = (lambda v: _count(v, 0, MAX_SEED), "an integer in [0, 2**64)")
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+H_PARAM_RULES = {
+    "d_model": _POSITIVE, "num_blocks": _POSITIVE, "num_heads": _POSITIVE, "context_length": _POSITIVE,
+    "max_token_value": _POSITIVE, "dropout": _DROPOUT, "batch_size": _POSITIVE, "max_iters": _POSITIVE,
+    "eval_interval": _POSITIVE, "eval_iters": _POSITIVE, "learning_rate": _RATE, "seed": _SEED,
+}
+RUN_RULES = {
+    **H_PARAM_RULES,
+    "dtype": (lambda v: v in FLOATS, "float32 or float64"),
+    "data": (lambda v: v is None or isinstance(v, str) and 0 < len(v) < 4096 and "\0" not in v,
+             "null or a file path"),
+    "save_interval": _NON_NEGATIVE, "warmup_iters": _NON_NEGATIVE,
+    "lr_schedule": (lambda v: v in ("constant", "cosine"), "constant or cosine"),
+    "min_lr": _NON_NEGATIVE_REAL, "grad_clip": _NON_NEGATIVE_REAL, "grad_accum_steps": _POSITIVE,
+    "eval_full": _BOOL, "compact_vocab": _BOOL,
+    "data_sha256": (lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
+                    "64 hexadecimal digits"),
+    "converted_from": (lambda v: isinstance(v, str), "a path"),
+}
+REQUIRED_H_PARAMS = ("d_model", "num_blocks", "num_heads", "context_length", "max_token_value")
+
+
+def _short(value):
+    """repr(value), cut to 40 characters: a crafted value may be a megabyte long."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_h_params(h):
+    """UserError naming the first of the model's settings that it cannot be built with."""
+    if not isinstance(h, dict):
+        raise UserError(f"h_params must be a mapping of settings, got {type(h).__name__}.")
+    for key in REQUIRED_H_PARAMS:
+        if key not in h:
+            raise UserError(f"h_params lacks {key!r}; the model cannot be built without it.")
+    for key, (test, kind) in H_PARAM_RULES.items():
+        if key in h and not test(h[key]):
+            if key in REQUIRED_H_PARAMS:  # the wording tests and users already know
+                raise UserError(f"{key} must be a positive integer, got {_short(h[key])}.")
+            raise UserError(f"{key} must be {kind}, got {_short(h[key])}.")
+    if h["d_model"] % h["num_heads"]:
+        raise UserError(f"d_model ({h['d_model']}) must be divisible by num_heads "
+                        f"({h['num_heads']}); each head gets d_model // num_heads channels.")
+
+
+def check_seed(seed, flag="--seed"):
+    """UserError unless seed can seed NumPy's generators."""
+    if not _SEED[0](seed):
+        raise UserError(f"{flag} must be an integer in [0, 2**64), got {_short(seed)}.")
+
+
+# ---- checkpoints ---------------------------------------------------------------------------
+
+def _expected_names(meta, tensors, path):
+    """parameter name -> shape of meta's h_params, once their count is known to be in the file."""
+    from .model import parameter_shapes  # model imports this module
+    h = meta["h_params"]
+    count = parameter_tensor_count(h)
+    have = sum(name.startswith("params/") for name in tensors)
+    if count > len(tensors):  # listing them would cost more than the file holds: refuse by count
+        raise CheckpointError(f"checkpoint {path} holds {have} parameter tensors but its h_params "
+                              f"describe {count}; it does not match its own h_params")
+    return parameter_shapes(h)
+
+
+def _check_array(path, name, array, shape, dtype, finite=True, non_negative=False):
+    where = f"checkpoint {path}'s tensor {name}"
+    if array.shape != tuple(shape):
+        raise CheckpointError(f"{where} has shape {array.shape} but the model needs {tuple(shape)}; "
+                              "the file was edited or damaged")
+    if array.dtype != dtype:
+        raise CheckpointError(f"{where} is {array.dtype} but the checkpoint's dtype is {dtype}; "
+                              "the file was edited or damaged")
+    if finite and not np.isfinite(array).all():
+        raise CheckpointError(f"{where} holds NaN or infinite values; the file was edited or damaged")
+    if non_negative and (array < 0).any():
+        raise CheckpointError(f"{where} holds negative values (a second moment cannot); "
+                              "the file was edited or damaged")
+
+
+def _check_adamw(path, adamw, step):
+    """CheckpointError unless AdamW's saved hyperparameters and step count are usable."""
+    rules = {"lr": _RATE, "eps": _RATE, "weight_decay": _NON_NEGATIVE_REAL, "t": _NON_NEGATIVE}
+    bad = f"checkpoint {path} has a malformed optimizer entry"
+    if not isinstance(adamw, dict):
+        raise CheckpointError(f"{bad} (adamw is {type(adamw).__name__}); the file was edited or damaged, "
+                              "use another copy")
+    for key, (test, kind) in rules.items():
+        if not test(adamw.get(key)):
+            raise CheckpointError(f"{bad}: adamw.{key} must be {kind}, got {_short(adamw.get(key))}")
+    betas = adamw.get("betas")
+    if not (isinstance(betas, list) and len(betas) == 2 and all(is_real(b) and 0 <= b < 1 for b in betas)):
+        raise CheckpointError(f"{bad}: adamw.betas must be two numbers in [0, 1), got {_short(betas)}")
+    if adamw["t"] != step:
+        raise CheckpointError(f"{bad}: adamw.t ({adamw['t']}) differs from step ({step}); "
+                              "the file was edited or damaged")
+
+
+def _check_run(path, run, meta, has_vocab):
+    """CheckpointError unless the saved run settings are well-typed and agree with h_params."""
+    if not isinstance(run, dict):
+        raise CheckpointError(f"checkpoint {path} has a malformed run entry ({type(run).__name__}); "
+                              "the file was edited or damaged, use another copy")
+    for key, (test, kind) in RUN_RULES.items():
+        if key in run and not test(run[key]):
+            raise CheckpointError(f"checkpoint {path} stores a malformed run.{key} ({_short(run[key])}): "
+                                  f"it must be {kind}; the file was edited or damaged")
+    h = meta["h_params"]
+    for key in H_PARAM_RULES:
+        if key in run and key in h and run[key] != h[key]:
+            raise CheckpointError(f"checkpoint {path} stores run.{key} = {_short(run[key])} but "
+                                  f"h_params.{key} = {_short(h[key])}; the file was edited or damaged")
+    if "dtype" in run and run["dtype"] != meta["dtype"]:
+        raise CheckpointError(f"checkpoint {path} stores run.dtype = {run['dtype']!r} but its weights "
+                              f"are {meta['dtype']}; the file was edited or damaged")
+    if "compact_vocab" in run and run["compact_vocab"] != has_vocab:
+        raise CheckpointError(f"checkpoint {path} stores run.compact_vocab = {run['compact_vocab']} but "
+                              f"{'has' if has_vocab else 'lacks'} a vocab tensor; the file was edited or damaged")
+
+
+def _check_vocab(path, vocab, size):
+    """CheckpointError unless vocab maps the model's ids 0..size-1 to cl100k ids, sorted and distinct."""
+    where = f"checkpoint {path}'s vocab tensor"
+    if vocab.ndim != 1 or vocab.dtype.kind not in "iu":
+        raise CheckpointError(f"{where} must be a 1-D array of token ids, got {vocab.ndim}-D "
+                              f"{vocab.dtype}; the file was edited or damaged")
+    if len(vocab) != size:
+        raise CheckpointError(f"{where} holds {len(vocab)} ids but the model has {size}; "
+                              "the file was edited or damaged")
+    if vocab.min() < 0 or vocab.max() >= TOKENIZER_IDS or (np.diff(vocab) <= 0).any():
+        raise CheckpointError(f"{where} must hold distinct ids in [0, {TOKENIZER_IDS}) in increasing "
+                              "order; the file was edited or damaged")
+
+
+def check_state(tensors, meta, path, format_name):
+    """CheckpointError unless (tensors, meta) from load_checkpoint is a whole, consistent model
+    of ours: every meta field typed and in range, every tensor named, shaped and finite, and
+    the model's memory within the budget before anything is built from it."""
+    if meta.get("format") != format_name or not isinstance(meta.get("h_params"), dict):
+        raise CheckpointError(f"{path} is a checkpoint file but not of a {format_name} model; "
+                              "pass a checkpoint written by train.py")
+    try:
+        check_h_params(meta["h_params"])
+    except UserError as e:
+        raise CheckpointError(f"checkpoint {path} holds unusable h_params: {e}") from e
+    h = meta["h_params"]
+    dtype = meta.setdefault("dtype", "float32")
+    if dtype not in FLOATS:
+        raise CheckpointError(f"checkpoint {path} has dtype {_short(dtype)}; it must be float32 or "
+                              "float64, the file was edited or damaged")
+    step = meta.setdefault("step", 0)
+    if not _count(step, 0):
+        raise CheckpointError(f"checkpoint {path} has a malformed step ({_short(step)}); "
+                              "the file was edited or damaged, use another copy")
+    adamw = meta.setdefault("adamw", None)
+    if adamw is not None:
+        _check_adamw(path, adamw, step)
+    _check_run(path, meta.setdefault("run", {}), meta, "vocab" in tensors)
+    if "vocab" not in tensors and h["max_token_value"] > TOKENIZER_IDS:
+        raise CheckpointError(f"checkpoint {path} has max_token_value {h['max_token_value']} but the "
+                              f"tokenizer has only {TOKENIZER_IDS} ids; the file was edited or damaged")
+    itemsize = np.dtype(dtype).itemsize
+    held = sum(t.nbytes for t in tensors.values())
+    check_memory(model_bytes(h, itemsize) + held,
+                 f"checkpoint {path}'s model (d_model {h['d_model']}, num_blocks {h['num_blocks']}, "
+                 f"context_length {h['context_length']}, vocabulary {h['max_token_value']}) needs",
+                 "use a machine with more memory, or the file was edited")
+    shapes = _expected_names(meta, tensors, path)
+    moments = ("adamw/m/", "adamw/v/") if adamw is not None else ()
+    expected = {f"params/{n}" for n in shapes} | {f"{m}{n}" for m in moments for n in shapes} | {"vocab"}
+    for name in tensors:
+        if name not in expected:
+            raise CheckpointError(f"checkpoint {path} holds an unexpected tensor {_short(name)}; "
+                                  "it does not match its own h_params and optimizer entries")
+    for name, shape in shapes.items():
+        for prefix in ("params/", *moments):
+            stored = tensors.get(prefix + name)
+            if stored is None:
+                label = {"params/": "parameter", "adamw/m/": "AdamW's first moment of",
+                         "adamw/v/": "AdamW's second moment of"}[prefix]
+                raise CheckpointError(f"checkpoint {path} lacks {label} {name} of shape {tuple(shape)}; "
+                                      "it does not match its own h_params")
+            _check_array(path, prefix + name, stored, shape, np.dtype(dtype),
+                         non_negative=prefix == "adamw/v/")
+    if "vocab" in tensors:
+        _check_vocab(path, tensors["vocab"], h["max_token_value"])
