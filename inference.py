@@ -12,6 +12,7 @@ from nanograd.backend import BackendError, get_backend
 from transformer.errors import OneLineParser, UserError, run_command
 from transformer.state import build_model, load_state
 from transformer.tokenizer import encode_prompt, get_tokenizer
+from transformer.validate import check_generation_memory, check_seed
 
 
 def parse_args(argv):
@@ -42,6 +43,7 @@ def check_args(args):
         raise UserError(f"--top-p must lie in (0, 1], got {args.top_p}.")
     if not args.repetition_penalty > 0:
         raise UserError(f"--repetition-penalty must be greater than 0, got {args.repetition_penalty}.")
+    check_seed(args.seed)
 
 
 def main(argv=None):
@@ -54,6 +56,7 @@ def main(argv=None):
         vocab = tensors.get("vocab")
         tokenizer = get_tokenizer()
         ids = encode_prompt(args.prompt, tokenizer, vocab, meta["h_params"]["max_token_value"])
+        check_generation_memory(meta["h_params"], model.dtype, len(ids), args.max_new_tokens)
     except (UserError, BackendError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

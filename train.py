@@ -33,6 +33,7 @@ from transformer.errors import CheckpointError, OneLineParser, UserError, run_co
 from transformer.schedule import learning_rate
 from transformer.state import check_resumable, load_params, load_state, restore_optimizer, state_contents
 from transformer.tokenizer import get_tokenizer
+from transformer.validate import check_seed, check_training_memory
 
 # The book's h_params (ch.19), each with a flag of the same name.
 BOOK_H_PARAMS = {
@@ -115,6 +116,7 @@ def check_settings(s):
         raise UserError(f"--min-lr must lie in [0, --learning-rate], got {s['min_lr']}.")
     if not s["grad_clip"] >= 0:
         raise UserError(f"--grad-clip must be 0 (off) or positive, got {s['grad_clip']}.")
+    check_seed(s["seed"])
 
 
 def check_out(out):
@@ -201,6 +203,7 @@ def train(args):
     h_params["max_token_value"] = len(vocab) if vocab is not None else int(ids.max()) + 1
     if args.resume:
         h_params["max_token_value"] = saved_meta["h_params"]["max_token_value"]
+    check_training_memory(h_params, s["dtype"], s["batch_size"], s["grad_accum_steps"])  # before allocating any of it
     model = Model(h_params, backend=args.backend, dtype=s["dtype"], seed=s["seed"])
     model.return_logits = False  # the loop needs only the loss: the output layer and loss run fused
     optimizer = AdamW(model.params, lr=s["learning_rate"])

@@ -50,18 +50,18 @@ def memory_budget():
 
 def size_text(nbytes):
     """12800000000 -> '12.8 GB' (decimal units, as disks and `free -h --si` count)."""
-    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB"):
-        if nbytes < 1000 or unit == "PB":
+    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB", "EB", "ZB"):
+        if nbytes < 1000:
             return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
         nbytes /= 1000
-    return f"{nbytes:.3g} EB"
+    return f"{nbytes:.3g} YB"
 
 
-def check_memory(need, what, fix):
-    """UserError unless `need` bytes fit in the budget: '<what> need(s) about N of memory but ...; <fix>'."""
+def check_memory(need, what, fix, error=UserError):
+    """`error` unless `need` bytes fit in the budget: '<what> need(s) about N of memory but ...; <fix>'."""
     budget = memory_budget()
     if need > budget:
-        raise UserError(f"{what} about {size_text(need)} of memory but this machine has "
+        raise error(f"{what} about {size_text(need)} of memory but this machine has "
                         f"{size_text(budget)} available; {fix}")
 
 
@@ -106,6 +106,21 @@ def generation_bytes(h, itemsize, prompt_tokens, new_tokens):
     return kv + window + V * 8 * 4 + (prompt_tokens + new_tokens) * 8 * 2
 
 
+def check_training_memory(h, dtype, batch_size, accum_steps=1):
+    """UserError, with the estimate, unless a training run with these settings fits in memory."""
+    check_memory(training_bytes(h, np.dtype(dtype).itemsize, batch_size, accum_steps),
+                 f"training with d_model {h['d_model']}, num_blocks {h['num_blocks']}, context_length "
+                 f"{h['context_length']}, batch_size {batch_size} and a vocabulary of {h['max_token_value']} needs",
+                 "lower --batch-size, --context-length, --d-model or --num-blocks")
+
+
+def check_generation_memory(h, dtype, prompt_tokens, new_tokens):
+    """UserError, with the estimate, unless generating new_tokens after the prompt fits in memory."""
+    check_memory(generation_bytes(h, np.dtype(dtype).itemsize, prompt_tokens, new_tokens),
+                 f"generating {new_tokens} tokens with context_length {h['context_length']} needs",
+                 "lower --max-new-tokens or use a machine with more memory")
+
+
 # ---- files -------------------------------------------------------------------------------
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
@@ -128,7 +143,7 @@ def read_file(path, what, error=UserError, per_byte=2):
             kind = next((name for test, name in _KINDS if test(info.st_mode)), "not a regular file")
             raise error(f"{what} {path} is {kind}, not a regular file; pass the path of a file")
         check_memory(info.st_size * per_byte, f"reading {what} {path} ({size_text(info.st_size)}) needs",
-                     "pass a smaller file or use a machine with more memory")
+                     "pass a smaller file or use a machine with more memory", error)
         return f.read(info.st_size)
 
 
@@ -211,7 +226,8 @@ def check_seed(seed, flag="--seed"):
 # ---- checkpoints ---------------------------------------------------------------------------
 
 def _expected_names(meta, tensors, path):
-    """parameter name -> shape of meta's h_params, once their count is known to be in the file."""
+    """parameter name -> shape of meta's h_params, once their count is known to be in the file
+    and the model they make is known to fit in memory."""
     from .model import parameter_shapes  # model imports this module
     h = meta["h_params"]
     count = parameter_tensor_count(h)
@@ -219,6 +235,12 @@ def _expected_names(meta, tensors, path):
     if count > len(tensors):  # listing them would cost more than the file holds: refuse by count
         raise CheckpointError(f"checkpoint {path} holds {have} parameter tensors but its h_params "
                               f"describe {count}; it does not match its own h_params")
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    held = sum(t.nbytes for t in tensors.values())
+    check_memory(model_bytes(h, itemsize) + held,
+                 f"checkpoint {path}'s model (d_model {h['d_model']}, num_blocks {h['num_blocks']}, "
+                 f"context_length {h['context_length']}, vocabulary {h['max_token_value']}) needs",
+                 "use a machine with more memory, or the file was edited", CheckpointError)
     return parameter_shapes(h)
 
 
@@ -318,13 +340,7 @@ def check_state(tensors, meta, path, format_name):
     if "vocab" not in tensors and h["max_token_value"] > TOKENIZER_IDS:
         raise CheckpointError(f"checkpoint {path} has max_token_value {h['max_token_value']} but the "
                               f"tokenizer has only {TOKENIZER_IDS} ids; the file was edited or damaged")
-    itemsize = np.dtype(dtype).itemsize
-    held = sum(t.nbytes for t in tensors.values())
-    check_memory(model_bytes(h, itemsize) + held,
-                 f"checkpoint {path}'s model (d_model {h['d_model']}, num_blocks {h['num_blocks']}, "
-                 f"context_length {h['context_length']}, vocabulary {h['max_token_value']}) needs",
-                 "use a machine with more memory, or the file was edited")
-    shapes = _expected_names(meta, tensors, path)
+    shapes = _expected_names(meta, tensors, path)  # counted first: a crafted num_blocks lists nothing
     moments = ("adamw/m/", "adamw/v/") if adamw is not None else ()
     expected = {f"params/{n}" for n in shapes} | {f"{m}{n}" for m in moments for n in shapes} | {"vocab"}
     for name in tensors:
