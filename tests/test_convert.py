@@ -1,6 +1,7 @@
 """python -m transformer.convert: the book's torch checkpoints to ours and back."""
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -98,3 +99,89 @@ def test_pickle_module_is_never_used(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("pickle.load called"))
     tensors, meta = load_state(tmp_path / "ours.ckpt")
     assert meta["h_params"]["d_model"] == 16
+
+
+# ---- crafted torch files: every field is checked before anything is built --------------
+
+def crafted_book(path, edit):
+    """A book checkpoint at path after edit(state_dict, h_params) -> (state_dict, h_params)."""
+    model = book_checkpoint(path)
+    state, h_params = edit(dict(model.state_dict()), {**H, "device": "cpu"})
+    torch.save({"model_state_dict": state, "h_params": h_params}, path)
+
+
+EMB = "token_embedding_lookup_table.weight"
+CRAFTED_BOOK = [
+    ("h-params-list", lambda s, h: (s, list(h.items())), r"not the book's .* checkpoint \(two dicts\)"),
+    ("state-dict-list", lambda s, h: (list(s.values()), h), r"not the book's .* checkpoint \(two dicts\)"),
+    ("dropout-string", lambda s, h: (s, {**h, "dropout": "0.1"}), r"unusable h_params: dropout must be a number"),
+    ("num-blocks-10**7", lambda s, h: (s, {**h, "num_blocks": 10**7}),
+     r"holds 37 weight tensors but the book's model for its h_params has 160000005"),
+    ("context-length-10**8", lambda s, h: (s, {**h, "context_length": 10**8}),
+     r"converting .* context_length 100000000\) needs about [\d.]+ GB of memory"),
+    ("sparse", lambda s, h: ({**s, EMB: s[EMB].to_sparse()}, h), rf"{EMB} is a torch.sparse_coo tensor"),
+    ("bfloat16", lambda s, h: ({**s, EMB: s[EMB].bfloat16()}, h), rf"{EMB} is torch.bfloat16; only float32"),
+    ("complex", lambda s, h: ({**s, EMB: s[EMB].to(torch.complex64)}, h), r"is torch.complex64"),
+    ("not-a-tensor", lambda s, h: ({**s, EMB: [1.0, 2.0]}, h), rf"{EMB} is list, not a dense tensor"),
+    ("wrong-shape", lambda s, h: ({**s, EMB: s[EMB].T.contiguous()}, h), r"has shape \(16, 40\)"),
+    ("nan", lambda s, h: ({**s, EMB: s[EMB] * float("nan")}, h), r"holds NaN or infinite values"),
+]
+
+
+@pytest.mark.parametrize("name, edit, message", CRAFTED_BOOK, ids=[c[0] for c in CRAFTED_BOOK])
+def test_crafted_book_checkpoints_are_refused(tmp_path, capsys, monkeypatch, name, edit, message):
+    monkeypatch.setenv("NANOGRAD_MEMORY_LIMIT", str(2 * 10**9))
+    crafted_book(tmp_path / "book.ckpt", edit)
+    assert main([str(tmp_path / "book.ckpt"), str(tmp_path / "ours.ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and re.search(message, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["book.ckpt"]
+
+
+def test_a_fifo_source_is_refused_without_waiting(tmp_path, capsys):
+    os.mkfifo(tmp_path / "pipe")
+    assert main([str(tmp_path / "pipe"), str(tmp_path / "ours.ckpt")]) == 2
+    assert "is not a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("direction", ["to-ours", "to-book"])
+def test_output_that_is_a_directory_is_refused(tmp_path, capsys, direction):
+    src = tmp_path / "src.ckpt"
+    book_checkpoint(src) if direction == "to-ours" else save_state(src, Model(H))
+    (tmp_path / "out").mkdir()
+    assert main([str(src), str(tmp_path / "out"), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out is a directory; give a file path such as" in err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("direction", ["to-ours", "to-book"])
+def test_output_in_a_missing_folder_is_created(tmp_path, direction):
+    src = tmp_path / "src.ckpt"
+    book_checkpoint(src) if direction == "to-ours" else save_state(src, Model(H))
+    dst = tmp_path / "new" / "deeper" / "out.ckpt"
+    assert main([str(src), str(dst)]) == 0
+    assert os.listdir(dst.parent) == ["out.ckpt"]  # no temp file left
+
+
+@pytest.mark.parametrize("direction", ["to-ours", "to-book"])
+def test_a_failed_write_is_one_line_and_leaves_no_temp_file(tmp_path, capsys, monkeypatch, direction):
+    """A read-only folder, a full disk: chmod does not stop root, so the write itself fails here."""
+    src = tmp_path / "src.ckpt"
+    book_checkpoint(src) if direction == "to-ours" else save_state(src, Model(H))
+    (tmp_path / "out").mkdir()
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    def half_written(obj, f, *args, **kwargs):  # torch.save reports a failed write as a RuntimeError
+        with open(f, "wb") as partial:
+            partial.write(b"PK\x03\x04 half a zip")
+        raise RuntimeError(f"File {f} cannot be opened.")
+    if direction == "to-book":
+        monkeypatch.setattr(torch, "save", half_written)
+    else:
+        monkeypatch.setattr(os, "replace", refuse)
+    assert main([str(src), str(tmp_path / "out" / "m.ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(r"cannot write .*m\.ckpt \(.*\); nothing was written there", err), err
+    assert list((tmp_path / "out").iterdir()) == []

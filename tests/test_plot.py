@@ -179,3 +179,15 @@ def test_read_metrics_raises_only_user_error(tmp_path):
     path.write_bytes(b'{"step": 0, "train_loss": 1.0, "valid_loss": 1.0}\n{"step": -1}\n')
     with pytest.raises(UserError, match="line 2"):
         read_metrics(str(path))
+
+
+@pytest.mark.parametrize("line", [
+    b'{"step": 0, "train_loss": 1' + b"0" * 400 + b', "valid_loss": 1.0}',  # an int no float can hold
+    b'{"step": 1' + b"0" * 30 + b', "train_loss": 1.0, "valid_loss": 1.0}',  # past float's exact ints
+], ids=["loss-overflows-float", "step-past-2**53"])
+def test_numbers_a_plot_cannot_hold_are_refused(tmp_path, line):
+    """JSON ints are unbounded: 10**400 used to pass the reader and crash the plot (OverflowError)."""
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(line + b"\n")
+    with pytest.raises(UserError, match=r"^line 1 of metrics file .* lacks a step, train_loss or valid_loss"):
+        read_metrics(str(path))
