@@ -660,7 +660,7 @@ def test_closed_stdout_pipe_is_not_a_traceback(args, tmp_path):
     ckpt = tmp_path / "m.ckpt"
     from transformer import Model
     from transformer.state import save_state
-    save_state(ckpt, Model(dict(d_model=16, num_blocks=1, num_heads=2, context_length=8, max_token_value=100300)))
+    save_state(ckpt, Model(dict(d_model=16, num_blocks=1, num_heads=2, context_length=8, max_token_value=100277)))
     extra = ["--ckpt", str(ckpt)] if args[0] == "inference.py" else []
     read_end, write_end = os.pipe()
     os.close(read_end)
