@@ -33,7 +33,7 @@ from transformer.errors import CheckpointError, OneLineParser, UserError, run_co
 from transformer.schedule import learning_rate
 from transformer.state import check_resumable, load_params, load_state, restore_optimizer, state_contents
 from transformer.tokenizer import get_tokenizer
-from transformer.validate import check_seed, check_training_memory
+from transformer.validate import check_finite_settings, check_seed, check_training_memory
 
 # The book's h_params (ch.19), each with a flag of the same name.
 BOOK_H_PARAMS = {
@@ -117,6 +117,7 @@ def check_settings(s):
     if not s["grad_clip"] >= 0:
         raise UserError(f"--grad-clip must be 0 (off) or positive, got {s['grad_clip']}.")
     check_seed(s["seed"])
+    check_finite_settings(s)
 
 
 def check_out(out):
@@ -181,6 +182,8 @@ def train(args):
         check_resumable(saved_tensors, saved_meta, args.resume)  # before any work
     s = resolve_settings(args, saved_meta.get("run", {}))
     check_settings(s)
+    check_training_memory({**s, "max_token_value": saved_meta.get("h_params", {}).get("max_token_value", 1)},
+                          s["dtype"], s["batch_size"], s["grad_accum_steps"])  # a first bound, before the data
     out = args.out or args.resume or os.path.join("model", "model.ckpt")
     check_out(out)
 

@@ -200,6 +200,27 @@ def test_bad_header_with_valid_checksum(tmp_path, header, match):
     expect_error(path, match)
 
 
+def test_overlapping_entries_cannot_multiply_the_file(tmp_path):
+    """1000 entries over the same 8 bytes would be 1000 copies: a small file, a large allocation."""
+    entries = {f"w{i}": GOOD_ENTRY for i in range(1000)}
+    path = tmp_path / "m.ckpt"
+    path.write_bytes(assemble({"meta": {}, "tensors": entries}, np.ones(2, "<f4").tobytes()))
+    expect_error(path, r"claim more bytes than its data section holds \(entries overlap\)")
+
+
+def test_a_header_too_big_to_parse_is_refused_before_parsing(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOGRAD_MEMORY_LIMIT", str(40 * 1000 - 1))
+    path = tmp_path / "m.ckpt"
+    path.write_bytes(assemble(b"[" + b"{}," * 333 + b"{}]"))  # 1000 bytes: a thousand dicts
+    expect_error(path, r"the header of checkpoint .* \(1\.0 kB\) needs about 40\.\d kB of memory")
+
+
+def test_long_tensor_names_are_cut_in_the_message(tmp_path):
+    path = tmp_path / "m.ckpt"
+    path.write_bytes(assemble({"meta": {}, "tensors": {"w" * 10**6: {**GOOD_ENTRY, "dtype": "x"}}}))
+    assert len(str(expect_error(path, "unsupported dtype"))) < 500
+
+
 def test_header_length_past_end(tmp_path):
     path = tmp_path / "m.ckpt"
     body = checkpoint.MAGIC + struct.pack("<IQ", 1, 2**40) + b"{}"

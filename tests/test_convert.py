@@ -138,6 +138,19 @@ def test_crafted_book_checkpoints_are_refused(tmp_path, capsys, monkeypatch, nam
     assert sorted(p.name for p in tmp_path.iterdir()) == ["book.ckpt"]
 
 
+def test_a_zip_that_unpacks_past_the_budget_is_refused_before_torch_reads_it(tmp_path, capsys, monkeypatch):
+    """torch's zip entries may be deflated: a small file could unpack to gigabytes."""
+    import zipfile
+    monkeypatch.setenv("NANOGRAD_MEMORY_LIMIT", str(2 * 10**8))
+    with zipfile.ZipFile(tmp_path / "bomb.ckpt", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data/0", bytes(2 * 10**8))  # 200 MB of zeros, about 200 kB deflated
+    assert (tmp_path / "bomb.ckpt").stat().st_size < 10**6
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load reached"))
+    assert main([str(tmp_path / "bomb.ckpt"), str(tmp_path / "ours.ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(r"unpack to 200\.0 MB\) needs about 400\.0 MB of memory", err), err
+
+
 def test_a_fifo_source_is_refused_without_waiting(tmp_path, capsys):
     os.mkfifo(tmp_path / "pipe")
     assert main([str(tmp_path / "pipe"), str(tmp_path / "ours.ckpt")]) == 2

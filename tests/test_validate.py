@@ -331,13 +331,24 @@ S = ["--d-model", "16", "--num-blocks", "1", "--num-heads", "2", "--context-leng
                                r"this machine has 2\.0 GB available; lower --batch-size"),
     ("--batch-size", "1000000000", r"batch_size 1000000000 .* needs about [\d.]+ TB of memory"),
     ("--num-blocks", "10000000", r"num_blocks 10000000, .* needs about [\d.]+ TB of memory"),
-], ids=["seed-negative", "seed-too-big", "d-model-1e8", "batch-size-1e9", "num-blocks-1e7"])
+    ("--grad-clip", "inf", r"--grad-clip must be a finite number, got inf\."),
+], ids=["seed-negative", "seed-too-big", "d-model-1e8", "batch-size-1e9", "num-blocks-1e7", "grad-clip-inf"])
 def test_train_refuses_settings_beyond_the_machine(data, tmp_path, flag, value, message):
     before = data.read_bytes()
     i = S.index(flag) if flag in S else len(S)
     settings_ = S[:i] + [flag, value] + S[i + 2:]
     assert_one_line(run("train.py", *settings_, "--data", data, "--out", tmp_path / "m.ckpt"), message)
     assert list(tmp_path.iterdir()) == [] and data.read_bytes() == before
+
+
+def test_resume_refuses_a_run_beyond_the_machine(good, tmp_path):
+    """batch_size 10**12 in both run and h_params is consistent, but no machine can train it:
+    refused with the estimate before the data is even read."""
+    path = craft(good, tmp_path / "big.ckpt", meta_edit(run__batch_size=10**12, h_params__batch_size=10**12))
+    load_state(path)  # a valid checkpoint: inference can use it
+    assert_one_line(run("train.py", "--resume", path, "--out", tmp_path / "out.ckpt"),
+                    r"batch_size 1000000000000 .* needs about [\d.]+ PB of memory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.ckpt"]
 
 
 @pytest.mark.parametrize("flag, value, message", [

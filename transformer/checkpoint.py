@@ -17,7 +17,7 @@ import struct
 import numpy as np
 
 from .errors import CheckpointError
-from .validate import read_file
+from .validate import check_memory, read_file, short, size_text
 
 MAGIC = b"\x89NGCKPT\n"  # non-ASCII first byte: never text; "\n" catches newline mangling
 FORMAT_VERSION = 1
@@ -27,6 +27,7 @@ DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32"
 _PREFIX = struct.Struct("<8sIQ")  # magic, version, header length: 20 bytes
 _DIGEST = 32  # sha256 of everything before it
 MAX_NDIM = 32  # NumPy allows 64; no tensor of a model has more than a few
+JSON_BYTES_PER_BYTE = 40  # Python objects parsed from one byte of JSON, at worst ("{}," is a 64-byte dict)
 MAX_DIM = 2**48  # one dimension's length: an empty tensor may claim any, NumPy refuses past 2**63
 
 
@@ -145,6 +146,8 @@ def _parse_header(path, blob):
         raise CheckpointError(f"checkpoint {path} has a header length past the end of the file; "
                               "the file is damaged, save it again")
     bad = f"checkpoint {path} has a malformed header; the file is damaged, save it again"
+    check_memory(header_len * JSON_BYTES_PER_BYTE, f"the header of checkpoint {path} ({size_text(header_len)}) needs",
+                 "the file was edited or damaged", CheckpointError)
     try:
         header = json.loads(blob[_PREFIX.size:data_start].decode("utf-8"))
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -157,7 +160,7 @@ def _parse_header(path, blob):
 
 def _check_entry(path, name, entry, data_len):
     """CheckpointError unless one tensor entry is well-formed and inside the data section."""
-    where = f"tensor {name!r} in checkpoint {path}"
+    where = f"tensor {short(name)} in checkpoint {path}"
     if not isinstance(entry, dict) or not {"dtype", "shape", "offset", "nbytes"} <= entry.keys():
         raise CheckpointError(f"{where} has a malformed entry; the file is damaged, save it again")
     if entry["dtype"] not in DTYPES:
@@ -185,6 +188,9 @@ def load_checkpoint(path):
     meta, entries, data_start, data_len = _parse_header(path, blob)
     for name, entry in entries.items():
         _check_entry(path, name, entry, data_len)
+    if sum(entry["nbytes"] for entry in entries.values()) > data_len:  # overlapping entries: each is a copy
+        raise CheckpointError(f"checkpoint {path}'s tensors claim more bytes than its data section holds "
+                              "(entries overlap); the file is damaged")
     tensors = {}
     for name, entry in entries.items():
         dtype = np.dtype(entry["dtype"])

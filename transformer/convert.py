@@ -17,19 +17,27 @@ from .errors import CheckpointError, OneLineParser, UserError, run_command
 from .checkpoint import MAGIC
 from . import validate
 from .model import Model, parameter_shapes
-from .validate import check_h_params, check_memory, model_bytes, read_file
+from .validate import check_h_params, check_memory, model_bytes, read_file, size_text
 from .state import build_model, load_state, save_state
 
 
 def book_to_ours(src, dst):
     """The book's torch checkpoint at src -> our format at dst (weights only, no optimizer)."""
     import io
+    import zipfile
 
     import torch
     try:
         raw = read_file(src, "checkpoint", per_byte=3)  # the bytes, torch's tensors, our copies
     except OSError as e:
         raise UserError(f"cannot read {src} ({e.strerror}); check its permissions") from None
+    try:  # torch's zip entries may be compressed: count what they unpack to before torch does
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError):
+        unpacked = len(raw)  # not a zip: torch's legacy format, read as it is
+    check_memory(unpacked * 2, f"loading {src} (its {size_text(len(raw))} unpack to {size_text(unpacked)}) needs",
+                 "use a machine with more memory, or the file was edited")
     try:
         ckpt = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for foreign or damaged files

@@ -22,7 +22,6 @@ MEMORY_LIMIT_ENV = "NANOGRAD_MEMORY_LIMIT"  # bytes; caps the budget below the m
 TOKENIZER_IDS = 100277  # cl100k_base: ranks 0..100255 and special tokens up to 100276
 FLOATS = ("float32", "float64")
 MAX_SEED = 2**64  # seeds are NumPy SeedSequence entropy: 0 <= seed < 2**64
-MAX_COUNT = 2**62  # a step, an iteration count: far beyond any run, far below int64 overflow
 
 
 # ---- memory ------------------------------------------------------------------------------
@@ -161,7 +160,7 @@ def is_real(value):
     return isinstance(value, (float, np.floating)) and math.isfinite(value)
 
 
-def _count(value, low, high=MAX_COUNT):
+def _count(value, low, high=math.inf):
     return is_int(value) and low <= value < high
 
 
@@ -194,7 +193,7 @@ RUN_RULES = {
 REQUIRED_H_PARAMS = ("d_model", "num_blocks", "num_heads", "context_length", "max_token_value")
 
 
-def _short(value):
+def short(value):
     """repr(value), cut to 40 characters: a crafted value may be a megabyte long."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -210,17 +209,24 @@ def check_h_params(h):
     for key, (test, kind) in H_PARAM_RULES.items():
         if key in h and not test(h[key]):
             if key in REQUIRED_H_PARAMS:  # the wording tests and users already know
-                raise UserError(f"{key} must be a positive integer, got {_short(h[key])}.")
-            raise UserError(f"{key} must be {kind}, got {_short(h[key])}.")
+                raise UserError(f"{key} must be a positive integer, got {short(h[key])}.")
+            raise UserError(f"{key} must be {kind}, got {short(h[key])}.")
     if h["d_model"] % h["num_heads"]:
         raise UserError(f"d_model ({h['d_model']}) must be divisible by num_heads "
                         f"({h['num_heads']}); each head gets d_model // num_heads channels.")
 
 
+def check_finite_settings(s, keys=("learning_rate", "min_lr", "grad_clip", "dropout")):
+    """UserError unless each of these float settings is finite (a checkpoint could not hold the run)."""
+    for key in keys:
+        if not is_real(s[key]):
+            raise UserError(f"--{key.replace('_', '-')} must be a finite number, got {s[key]}.")
+
+
 def check_seed(seed, flag="--seed"):
     """UserError unless seed can seed NumPy's generators."""
     if not _SEED[0](seed):
-        raise UserError(f"{flag} must be an integer in [0, 2**64), got {_short(seed)}.")
+        raise UserError(f"{flag} must be an integer in [0, 2**64), got {short(seed)}.")
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
@@ -268,10 +274,10 @@ def _check_adamw(path, adamw, step):
                               "use another copy")
     for key, (test, kind) in rules.items():
         if not test(adamw.get(key)):
-            raise CheckpointError(f"{bad}: adamw.{key} must be {kind}, got {_short(adamw.get(key))}")
+            raise CheckpointError(f"{bad}: adamw.{key} must be {kind}, got {short(adamw.get(key))}")
     betas = adamw.get("betas")
     if not (isinstance(betas, list) and len(betas) == 2 and all(is_real(b) and 0 <= b < 1 for b in betas)):
-        raise CheckpointError(f"{bad}: adamw.betas must be two numbers in [0, 1), got {_short(betas)}")
+        raise CheckpointError(f"{bad}: adamw.betas must be two numbers in [0, 1), got {short(betas)}")
     if adamw["t"] != step:
         raise CheckpointError(f"{bad}: adamw.t ({adamw['t']}) differs from step ({step}); "
                               "the file was edited or damaged")
@@ -284,13 +290,13 @@ def _check_run(path, run, meta, has_vocab):
                               "the file was edited or damaged, use another copy")
     for key, (test, kind) in RUN_RULES.items():
         if key in run and not test(run[key]):
-            raise CheckpointError(f"checkpoint {path} stores a malformed run.{key} ({_short(run[key])}): "
+            raise CheckpointError(f"checkpoint {path} stores a malformed run.{key} ({short(run[key])}): "
                                   f"it must be {kind}; the file was edited or damaged")
     h = meta["h_params"]
     for key in H_PARAM_RULES:
         if key in run and key in h and run[key] != h[key]:
-            raise CheckpointError(f"checkpoint {path} stores run.{key} = {_short(run[key])} but "
-                                  f"h_params.{key} = {_short(h[key])}; the file was edited or damaged")
+            raise CheckpointError(f"checkpoint {path} stores run.{key} = {short(run[key])} but "
+                                  f"h_params.{key} = {short(h[key])}; the file was edited or damaged")
     if "dtype" in run and run["dtype"] != meta["dtype"]:
         raise CheckpointError(f"checkpoint {path} stores run.dtype = {run['dtype']!r} but its weights "
                               f"are {meta['dtype']}; the file was edited or damaged")
@@ -327,11 +333,11 @@ def check_state(tensors, meta, path, format_name):
     h = meta["h_params"]
     dtype = meta.setdefault("dtype", "float32")
     if dtype not in FLOATS:
-        raise CheckpointError(f"checkpoint {path} has dtype {_short(dtype)}; it must be float32 or "
+        raise CheckpointError(f"checkpoint {path} has dtype {short(dtype)}; it must be float32 or "
                               "float64, the file was edited or damaged")
     step = meta.setdefault("step", 0)
     if not _count(step, 0):
-        raise CheckpointError(f"checkpoint {path} has a malformed step ({_short(step)}); "
+        raise CheckpointError(f"checkpoint {path} has a malformed step ({short(step)}); "
                               "the file was edited or damaged, use another copy")
     adamw = meta.setdefault("adamw", None)
     if adamw is not None:
@@ -345,7 +351,7 @@ def check_state(tensors, meta, path, format_name):
     expected = {f"params/{n}" for n in shapes} | {f"{m}{n}" for m in moments for n in shapes} | {"vocab"}
     for name in tensors:
         if name not in expected:
-            raise CheckpointError(f"checkpoint {path} holds an unexpected tensor {_short(name)}; "
+            raise CheckpointError(f"checkpoint {path} holds an unexpected tensor {short(name)}; "
                                   "it does not match its own h_params and optimizer entries")
     for name, shape in shapes.items():
         for prefix in ("params/", *moments):
