@@ -188,9 +188,11 @@ def load_checkpoint(path):
     meta, entries, data_start, data_len = _parse_header(path, blob)
     for name, entry in entries.items():
         _check_entry(path, name, entry, data_len)
-    if sum(entry["nbytes"] for entry in entries.values()) > data_len:  # overlapping entries: each is a copy
-        raise CheckpointError(f"checkpoint {path}'s tensors claim more bytes than its data section holds "
-                              "(entries overlap); the file is damaged")
+    spans = sorted((entry["offset"], entry["offset"] + entry["nbytes"]) for entry in entries.values()
+                   if entry["nbytes"])
+    if any(start < end for (_, end), (start, _) in zip(spans, spans[1:])):  # shared bytes: each a copy
+        raise CheckpointError(f"checkpoint {path}'s tensors overlap in its data section (the writer packs "
+                              "them apart); the file is damaged")
     tensors = {}
     for name, entry in entries.items():
         dtype = np.dtype(entry["dtype"])
