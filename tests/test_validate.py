@@ -221,6 +221,32 @@ def test_model_bytes_bounds_what_building_a_model_allocates():
         assert peak <= validate.model_bytes(h, np.dtype(dtype).itemsize)
 
 
+@pytest.mark.parametrize("dtype, accum", [("float32", 1), ("float64", 2)])
+def test_training_and_generation_bytes_bound_what_they_allocate(dtype, accum):
+    """A training step (forward, backward, AdamW, as train.py runs it) and a generation stay
+    under their estimates, so a refusal is never needed for settings that would fit."""
+    h = {**H, "d_model": 32, "num_heads": 4, "context_length": 32, "max_token_value": 500}
+    B, itemsize = 4, np.dtype(dtype).itemsize
+    x = np.random.default_rng(0).integers(0, 500, (B, 32))  # (B, T)
+    tracemalloc.start()
+    model = Model(h, dtype=dtype)
+    model.return_logits = False
+    optimizer = AdamW(model.params)
+    for _ in range(accum):
+        model(x, x)
+        grads = {name: g.copy() for name, g in model.backward().items()}
+    optimizer.step(grads)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    del model, optimizer, grads
+    tracemalloc.start()
+    Model(h, dtype=dtype).eval().generate(x[:1, :5], 40, rng=np.random.default_rng(0))
+    generation_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak <= validate.training_bytes(h, itemsize, B, accum)
+    assert generation_peak <= validate.model_bytes(h, itemsize) + validate.generation_bytes(h, itemsize, 5, 40)
+
+
 def test_check_memory_names_the_estimate_and_the_budget(monkeypatch):
     monkeypatch.setenv(validate.MEMORY_LIMIT_ENV, "1000000")
     validate.check_memory(10**6, "x needs", "do less")

@@ -1,4 +1,4 @@
-"""One checkpoint for everything that comes from outside: files read from disk and sizes from flags.
+"""One gate for everything that comes from outside: files read from disk and sizes from flags.
 
     read_file(path, what)          the bytes of a regular file, its size checked before reading
     check_h_params(h)              the model's settings: types, ranges, consistency
@@ -61,7 +61,7 @@ def check_memory(need, what, fix, error=UserError):
     budget = memory_budget()
     if need > budget:
         raise error(f"{what} about {size_text(need)} of memory but this machine has "
-                        f"{size_text(budget)} available; {fix}")
+                    f"{size_text(budget)} available; {fix}")
 
 
 def parameter_count(h):
