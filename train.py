@@ -3,6 +3,7 @@
     python train.py                                  # built-in corpus, the book's settings
     python train.py --data my.txt --backend cupy     # your text, on an NVIDIA GPU
     python train.py --resume model/model.ckpt        # continue an interrupted run
+    mpiexec -n 2 python train.py                     # 2 processes, one training (docs/distributed.md)
 
 Reads top to bottom like the book's: settings, data, model, optimizer,
 the loop (evaluate, batch, forward, backward, step), save.
@@ -24,8 +25,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np
 
 from nanograd import AdamW
-from nanograd.backend import BackendError, cpu_threads, get_backend, make_rng
+from nanograd.backend import BackendError, cpu_threads, get_backend, make_rng, to_host
 from nanograd.clip import clip_grad_norm
+from nanograd.fast.mpi import (GradientSync, abort_on_error, accum_per_rank, fingerprint, from_environment,
+                               quiet_unless_first)
 from transformer import Model
 from transformer.checkpoint import save_checkpoint
 from transformer.data import check_splits, default_corpus, get_batch, read_text, split, tokenize
@@ -73,6 +76,9 @@ def parse_args(argv):
     parser.add_argument("--wandb", nargs="?", const="LLMZhang_lesson_2", default=None, metavar="PROJECT",
                         help="log to Weights & Biases (WANDB_MODE=offline works without an account)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--exact-reduce", action="store_true",
+                        help="under mpiexec: add the ranks' gradients in rank order, so the run equals one "
+                             "process's bit for bit (slower)")
     return parser.parse_args(argv)
 
 
@@ -141,35 +147,53 @@ def describe_backend(xp):
     return f"Backend: cupy {xp.__version__} on {name} (CUDA runtime {xp.cuda.runtime.runtimeGetVersion()})"
 
 
-def full_loss(model, data, context_length, batch_size):
+def full_loss(model, data, context_length, batch_size, comm=None):
     """Mean loss over every token of data in order: consecutive windows of context_length,
-    batch_size of them per forward, then the shorter rest."""
+    batch_size of them per forward, then the shorter rest.  Under MPI the forwards are
+    shared among the ranks and their sums added in the same order as one process."""
     n = len(data) - 1  # positions that have a next token
     T, windows = context_length, n // context_length
-    total = 0.0
-    for first in range(0, windows, batch_size):
-        starts = np.arange(first, min(first + batch_size, windows))[:, None] * T  # (B, 1)
-        index = starts + np.arange(T)  # (B, T)
-        total += model(data[index], data[index + 1])[1] * index.size
+    firsts = range(0, windows, batch_size)
     rest = n - windows * T
-    if rest:
-        total += model(data[windows * T:n][None], data[windows * T + 1:][None])[1] * rest
-    return total / n
+    sums = np.zeros(len(firsts) + 1)  # (forwards + 1,) each forward's summed loss, then the rest's
+    for i in comm.share(len(sums)) if comm else range(len(sums)):
+        if i < len(firsts):
+            starts = np.arange(firsts[i], min(firsts[i] + batch_size, windows))[:, None] * T  # (B, 1)
+            index = starts + np.arange(T)  # (B, T)
+            sums[i] = model(data[index], data[index + 1])[1] * index.size
+        elif rest:
+            sums[i] = model(data[windows * T:n][None], data[windows * T + 1:][None])[1] * rest
+    if comm:
+        sums = comm.allreduce_host(sums)
+    total = 0.0
+    for value in sums:
+        total += value
+    return float(total / n)
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    comm = None
     try:
-        # A blown-up run is reported once, by the loop, naming the step and parameter;
-        # numpy's overflow warnings along the way would only add lines without that.
-        with np.errstate(all="ignore"):
-            return train(args)
+        comm = from_environment()  # None unless mpiexec started us (docs/distributed.md)
+        with abort_on_error(comm):  # a crash on one rank ends every rank
+            args = comm.parse(parse_args, argv) if comm else parse_args(argv)
+            # A blown-up run is reported once, by the loop, naming the step and parameter;
+            # numpy's overflow warnings along the way would only add lines without that.
+            with np.errstate(all="ignore"), quiet_unless_first(comm):
+                return train(args, comm)
     except (UserError, BackendError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if comm is not None:
+            return comm.report(e)  # printed once for all ranks (or, mid-run, the job is ended)
+        if getattr(e, "speaks", True):
+            print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def train(args):
+def train(args, comm=None):
+    """The run; comm, under mpiexec, makes this process one of comm.size ranks of it."""
+    world, first_rank = (comm.size, comm.rank == 0) if comm else (1, True)
+    if comm:
+        comm.use_device(args.backend)  # one GPU per rank
     xp = get_backend(args.backend)
     print(describe_backend(xp), flush=True)
 
@@ -178,9 +202,12 @@ def train(args):
     if args.resume:
         check_resumable(saved_tensors, saved_meta, args.resume)  # before any work
     s = resolve_settings(args, saved_meta.get("run", {}))
+    if args.resume and args.grad_accum_steps is None:  # a checkpoint counts the micro-batches of all ranks
+        s["grad_accum_steps"] = accum_per_rank(s["grad_accum_steps"], world)
     check_settings(s)
     out = args.out or args.resume or os.path.join("model", "model.ckpt")
-    check_out(out)
+    if first_rank:  # the one that writes
+        check_out(out)
 
     # ---- data: read, tokenize with cl100k_base, split 90/10 ---------------------------------
     text = read_text(s["data"]) if s["data"] else default_corpus()
@@ -212,10 +239,18 @@ def train(args):
         print(f"Resuming {args.resume} at step {start}")
     print(f"Model: {model.num_params():,} parameters, vocabulary {h_params['max_token_value']:,}, "
           f"{s['dtype']}")
-    run = {**s, "data_sha256": data_sha}
+    run = {**s, "data_sha256": data_sha, "grad_accum_steps": world * s["grad_accum_steps"]}  # as one process's
+    if comm:  # every rank has set up the same run, or all of them stop here
+        comm.check_same({**s, "data": None, "data_sha256": data_sha, "parameters": model.num_params(),
+                         "start": start, "backend": args.backend, "exact_reduce": args.exact_reduce,
+                         "weights": fingerprint(to_host(p) for p in model.params.values())})
+        print(f"Data parallel: {world} ranks, each {s['grad_accum_steps']} micro-batch"
+              f"{'es' if s['grad_accum_steps'] > 1 else ''} a step"
+              f"{', gradients added in rank order' if args.exact_reduce else ''}")
+    sync = GradientSync(comm, model.params, s["grad_accum_steps"], args.exact_reduce) if comm else None
     # AdamW begins on the output layer while the model walks back through the blocks (see
     # Model.backward), unless it must first see every gradient: clipped, or summed over micro-batches.
-    early_update = optimizer.start if s["grad_accum_steps"] == 1 and not s["grad_clip"] else None
+    early_update = optimizer.start if s["grad_accum_steps"] == 1 and not s["grad_clip"] and not comm else None
     B, T, seed = s["batch_size"], s["context_length"], s["seed"]
 
     # A checkpoint (200 MB in the book's config) is written on a thread of its own while the
@@ -225,6 +260,8 @@ def train(args):
     writing = []  # the save in flight, if any
 
     def save(step, wait=False):
+        if not first_rank:  # rank 0 writes the checkpoint: the same on every rank
+            return
         finish_saving()  # one at a time: both write to out
         writing.append(writer.submit(save_checkpoint, out, *state_contents(model, optimizer, step, run, vocab)))
         if wait:
@@ -244,17 +281,21 @@ def train(args):
         losses = {}
         for stream, (name, data) in enumerate((("train", train_data), ("valid", val_data))):
             rng = np.random.default_rng([seed, 2 + stream, step])
-            losses[name] = float(np.mean([model(*get_batch(data, B, T, rng))[1]
-                                          for _ in range(s["eval_iters"])]))
+            batches = [get_batch(data, B, T, rng) for _ in range(s["eval_iters"])]
+            values = np.zeros(len(batches))  # (eval_iters,) under MPI each rank fills its share
+            for i in comm.share(len(batches)) if comm else range(len(batches)):
+                values[i] = model(*batches[i])[1]
+            losses[name] = float(np.mean(comm.allreduce_host(values) if comm else values))
         if s["eval_full"]:
-            losses["valid_full"] = full_loss(model, val_data, T, B)
+            losses["valid_full"] = full_loss(model, val_data, T, B, comm)
         model.train()
         return losses
 
     # ---- logging: the book's lines, a progress bar on a terminal, metrics JSONL, wandb ------
-    wandb_run = start_wandb(args.wandb, h_params, s) if args.wandb else None  # may fail: before any file
-    metrics_path = os.path.splitext(out)[0] + ".metrics.jsonl"
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    wandb_run = start_wandb(args.wandb, h_params, s) if args.wandb and first_rank else None  # may fail: before any file
+    metrics_path = os.path.splitext(out)[0] + ".metrics.jsonl" if first_rank else os.devnull
+    if first_rank:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     metrics = open(metrics_path, "a" if args.resume else "w", encoding="utf-8")
     bar = progress_bar(start, s["max_iters"], enabled=not args.no_progress)
     say = bar.write if bar is not None else print
@@ -281,19 +322,26 @@ def train(args):
             optimizer.lr = learning_rate(step, s["learning_rate"], s["lr_schedule"], s["warmup_iters"],
                                          s["max_iters"], s["min_lr"])
             grads, loss = None, 0.0
-            for micro in range(s["grad_accum_steps"]):
+            # Under MPI this rank runs its k of the step's world x k micro-batches, numbered as one
+            # process with --grad-accum-steps world x k numbers them (nanograd/fast/mpi.py).
+            for m, micro in enumerate(sync.micro_steps() if sync else range(s["grad_accum_steps"])):
                 xb, yb = get_batch(train_data, B, T, np.random.default_rng([seed, 0, step, micro]))
                 model.rng = make_rng(xp, seed, 1, step, micro)
-                loss += model(xb, yb)[1] / s["grad_accum_steps"]
+                loss += model(xb, yb)[1] / (world * s["grad_accum_steps"])
                 finish_saving()  # before AdamW changes what it writes
                 micro_grads = model.backward(head_ready=early_update)
-                if grads is None:  # a copy: the next backward() reuses its arrays
+                if sync:
+                    sync.add(m, micro_grads)  # into one flat buffer, no communication
+                elif grads is None:  # a copy: the next backward() reuses its arrays
                     grads = micro_grads if s["grad_accum_steps"] == 1 else {
                         name: g.copy() for name, g in micro_grads.items()}
                 else:
                     for name, g in micro_grads.items():
                         grads[name] += g
-            if s["grad_accum_steps"] > 1:
+            if sync:  # one Allreduce: the mean over every rank's micro-batches, the same on each
+                grads = sync.reduce()
+                loss, votes = comm.allreduce_host([loss, len(interrupted)])  # so all ranks stop alike
+            elif s["grad_accum_steps"] > 1:
                 for g in grads.values():
                     g *= 1.0 / s["grad_accum_steps"]  # the mean over micro-batches = one big batch
 
@@ -309,12 +357,12 @@ def train(args):
                 return 3
             if bar is not None:
                 bar.update(1)
-                tokens = (step + 1 - start) * B * T * s["grad_accum_steps"]
+                tokens = (step + 1 - start) * B * T * s["grad_accum_steps"] * world
                 bar.set_postfix(loss=f"{loss:.3f}", tokens_per_s=f"{tokens / (time.perf_counter() - t0):,.0f}",
                                 refresh=False)
 
             done = step + 1
-            if interrupted:
+            if (votes if comm else interrupted):
                 save(done, wait=True)
                 say(f"Interrupted after step {done}; checkpoint saved to {out}. "
                     f"Resume with: python train.py --resume {out}")
@@ -334,7 +382,7 @@ def train(args):
     seconds = time.perf_counter() - t0
     steps = max(s["max_iters"] - start, 1)
     print(f"Training complete in {seconds:.1f} s ({1000 * seconds / steps:.0f} ms/step, "
-          f"{steps * B * T * s['grad_accum_steps'] / seconds:,.0f} tokens/s). Model saved to {out}")
+          f"{steps * B * T * s['grad_accum_steps'] * world / seconds:,.0f} tokens/s). Model saved to {out}")
     return 0
 
 
