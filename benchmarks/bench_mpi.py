@@ -8,7 +8,7 @@ two refinements would buy: overlapping the output layer's reduction with the blo
 backward, and ZeRO-1 (reduce-scatter, each rank updates its half, all-gather), from the
 times of their parts.  Medians over the timed steps (the machine may be shared).
 
-    python benchmarks/bench_mpi.py [--steps 12]
+    python benchmarks/bench_mpi.py [--steps 12] [--rounds 2]
 """
 import argparse
 import json
@@ -101,19 +101,18 @@ def worker(args):
 
     result = {"ranks": world, "threads": cpu_threads(), "accum": k, "params": model.num_params(),
               "vocab": h["max_token_value"], "tokens_per_step": world * k * B * T}
-    variants = [("plain", False)] + ([("overlap", True)] if comm and k == 1 else [])
-    for label, overlap in variants:
-        reduce_times, adamw_times, step_times = [], [], []
-        for s in range(args.warmup + args.steps):
+    variants = ["plain"] + (["overlap"] if comm and k == 1 else [])
+    raw = {v: {"step": [], "adamw": [], "allreduce": []} for v in variants}
+    for s in range(args.warmup + args.steps):
+        for variant in variants:  # taken turns, step by step, so a busy spell of the host hits both alike
+            reduce_times, adamw_times = [], []
             t = time.perf_counter()
-            step(s, overlap)
-            step_times.append(time.perf_counter() - t)
-        step_times = step_times[args.warmup:]
-        result[label] = {"step_ms": median_ms(step_times),
-                         "tokens_per_s": round(result["tokens_per_step"] / statistics.median(step_times)),
-                         "adamw_ms": median_ms(adamw_times[args.warmup:])}
-        if reduce_times:
-            result[label]["allreduce_ms"] = median_ms(reduce_times[args.warmup:])
+            step(s, variant == "overlap")
+            if s >= args.warmup:
+                raw[variant]["step"].append(time.perf_counter() - t)
+                raw[variant]["adamw"] += adamw_times
+                raw[variant]["allreduce"] += reduce_times
+    result["raw"] = raw
     if comm:
         result["zero1"] = zero1_parts(comm, model, optimizer, flat, args.steps)
     if rank == 0:
@@ -160,50 +159,60 @@ def zero1_parts(comm, model, optimizer, flat, repeats):
             p[...] = packed[offset:offset + p.size].reshape(p.shape)
             offset += p.size
         times["pack_unpack"].append(time.perf_counter() - t)
-    out = {key: median_ms(value) for key, value in times.items()}
-    out["share_updated"] = round(sum(int(model.params[k].size) for k in half) / model.num_params(), 3)
-    out["zero1_saves_ms"] = round(out["adamw_all"] - out["adamw_1/N"] - out["pack_unpack"]
-                                  - (out["reduce_scatter_allgather"] - out["allreduce"]), 1)
-    return out
+    return times
 
 
 def measure(args):
-    """The parent: tokenize once, run each configuration as its own process(es), print a table."""
+    """The parent: tokenize once; per config, `rounds` times each layout in turn, as its own
+    process(es); the medians of all the timed steps."""
     ids = tokenize(default_corpus(), get_tokenizer())
-    rows = []
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_"))}
+    layouts = {"1 process, 2 threads": (["taskset", "-c", "0,1"], 2),
+               "2 ranks, 1 thread each": (["mpiexec", "-n", "2", "-bind-to", "core"], 1)}
+    table, notes = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for config in ("book", "compact"):
             path = os.path.join(tmp, f"{config}.npy")
             np.save(path, ids if config == "book" else np.searchsorted(np.unique(ids), ids))
-            me = [sys.executable, os.path.abspath(__file__), "--worker", "--ids", path,
-                  "--steps", str(args.steps), "--warmup", str(args.warmup)]
-            runs = [("1 process, 2 threads", ["taskset", "-c", "0,1", *me, "--accum", "2"]),
-                    ("2 ranks, 1 thread each", ["mpiexec", "-n", "2", "-bind-to", "core", *me, "--accum", "1"])]
-            for label, command in runs:
-                env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_"))}
-                out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
-                if out.returncode:
-                    sys.exit(f"{label} failed:\n{out.stderr}")
-                result = json.loads(out.stdout.strip().splitlines()[-1])
-                rows.append((config, label, result))
-                print(config, label, json.dumps(result), flush=True)
+            pooled = {}
+            for _ in range(args.rounds):
+                for label, (launcher, accum) in layouts.items():
+                    command = [*launcher, sys.executable, os.path.abspath(__file__), "--worker", "--ids", path,
+                               "--steps", str(args.steps), "--warmup", str(args.warmup), "--accum", str(accum)]
+                    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+                    if out.returncode:
+                        sys.exit(f"{label} failed:\n{out.stderr}")
+                    result = json.loads(out.stdout.strip().splitlines()[-1])
+                    into = pooled.setdefault(label, {"info": result, "raw": {}, "zero1": {}})
+                    for variant, lists in result["raw"].items():
+                        for key, values in lists.items():
+                            into["raw"].setdefault(variant, {}).setdefault(key, []).extend(values)
+                    for key, values in result.get("zero1", {}).items():
+                        into["zero1"].setdefault(key, []).extend(values)
+            for label, got in pooled.items():
+                info, plain = got["info"], got["raw"]["plain"]
+                table.append(f"| {config} (P {info['params']:,}, V {info['vocab']:,}) | {label} | "
+                             f"{median_ms(plain['step'])} | {round(info['tokens_per_step'] / statistics.median(plain['step'])):,} | "
+                             f"{median_ms(plain['adamw'])} | {median_ms(plain['allreduce']) if plain['allreduce'] else ''} | "
+                             f"{len(plain['step'])} |")
+                if "overlap" in got["raw"]:
+                    z = {key: median_ms(values) for key, values in got["zero1"].items()}
+                    saves = z["adamw_all"] - z["adamw_1/N"] - z["pack_unpack"] - (z["reduce_scatter_allgather"] - z["allreduce"])
+                    notes.append(f"{config}, 2 ranks: overlapped output-layer reduction {median_ms(got['raw']['overlap']['step'])} ms "
+                                 f"a step against {median_ms(plain['step'])} ms plain (turn about, {len(plain['step'])} steps each); "
+                                 f"ZeRO-1's parts (ms): {json.dumps(z)}, so ZeRO-1 would save {saves:.1f} ms a step")
+    print("| config | layout | step ms (median) | tokens/s | AdamW ms | Allreduce ms | steps |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    print("\n".join(table))
     print()
-    print("| config | layout | step (ms) | tokens/s | AdamW (ms) | Allreduce (ms) |")
-    print("|---|---|---:|---:|---:|---:|")
-    for config, label, r in rows:
-        p = r["plain"]
-        print(f"| {config} (V {r['vocab']:,}) | {label} | {p['step_ms']} | {p['tokens_per_s']:,} | "
-              f"{p['adamw_ms']} | {p.get('allreduce_ms', '')} |")
-    for config, label, r in rows:
-        if "overlap" in r:
-            print(f"{config}: overlapping the output layer's reduction: step {r['overlap']['step_ms']} ms "
-                  f"against {r['plain']['step_ms']} ms; ZeRO-1's parts: {json.dumps(r['zero1'])}")
+    print("\n".join(notes))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=12, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="times each layout is launched, in turn")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ids", help=argparse.SUPPRESS)
     parser.add_argument("--accum", type=int, default=1, help=argparse.SUPPRESS)

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -101,6 +102,22 @@ def test_a_plain_run_never_imports_mpi4py(corpus, tmp_path):
     """)
     result = ok(python("-c", code, cwd=tmp_path))
     assert result.stdout.splitlines()[-1] == "False"
+
+
+def test_started_by_mpiexec_without_mpi4py_is_one_line(corpus, tmp_path):
+    blocked = tmp_path / "blocked" / "mpi4py"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text('raise ImportError("blocked for the test")\n', encoding="utf-8")
+    env = {**clean_env(), "PMI_RANK": "0", "PMI_SIZE": "2", "PYTHONPATH": str(blocked.parent)}
+    result = subprocess.run([sys.executable, TRAIN, *TINY, "--data", corpus], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (2, "error: this process was started by mpiexec, but mpi4py "
+                                                     "cannot be imported (blocked for the test); install it with "
+                                                     "pip install -e '.[mpi]'\n")
+    env["PMI_RANK"] = "1"  # the other ranks fail alike, silently: one line in all
+    result = subprocess.run([sys.executable, TRAIN, *TINY, "--data", corpus], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (2, "")
 
 
 class OneRank:
@@ -340,3 +357,25 @@ def test_a_mismatched_or_failing_rank_is_refused_in_one_line(corpus, tmp_path, r
 def test_an_error_every_rank_makes_is_printed_once(corpus, tmp_path):
     result = mpiexec((2, [TRAIN, *TINY, "--data", corpus, "--d-model", "0"]), cwd=tmp_path)
     assert (result.returncode, result.stderr) == (2, "error: --d-model must be a positive integer, got 0.\n")
+
+
+@needs_mpi
+def test_ctrl_c_stops_every_rank_after_the_same_step(corpus, tmp_path):
+    argv = [TRAIN, *TINY, "--data", corpus, "--max-iters", 100000, "--eval-interval", 100000, "--out", "m.ckpt"]
+    job = subprocess.Popen(["mpiexec", "-n", "2", sys.executable, *map(str, argv)], cwd=tmp_path, env=clean_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in job.stdout:  # training has begun once the first evaluation is printed
+            if line.startswith("Step: 0"):
+                break
+        time.sleep(1)
+        job.send_signal(signal.SIGINT)  # what Ctrl-C sends; mpiexec passes it to every rank
+        stdout, stderr = job.communicate(timeout=30)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 130, stderr
+    saved = [line for line in stdout.splitlines() if line.startswith("Interrupted after step")]
+    assert len(saved) == 1  # rank 0 alone speaks, and both ranks stopped: the job ended
+    step = int(saved[0].split()[3].rstrip(";"))
+    assert load_state(tmp_path / "m.ckpt")[1]["step"] == step > 0

@@ -32,22 +32,23 @@ def id_from_buffer(buf):
     return tuple(int(c) for c in buf)
 
 
+def _current_stream():
+    import cupy
+    return cupy.cuda.get_current_stream().ptr
+
+
 class NcclOps:
     """allreduce_sum, send, recv, bcast of contiguous CuPy arrays, in place, over one NCCL communicator."""
 
-    def __init__(self, comm, nccl=None):
-        """comm: the MPI Communicator (rank, size and the id's broadcast).  nccl: cupy.cuda.nccl."""
+    def __init__(self, comm, nccl=None, stream=None):
+        """comm: the MPI Communicator (rank, size and the id's broadcast).  nccl: cupy.cuda.nccl;
+        stream: a function giving the CUDA stream to queue on (default CuPy's current one)."""
         if nccl is None:
             from cupy.cuda import nccl
-        self.nccl = nccl
+        self.nccl, self._stream = nccl, stream or _current_stream
         buf = id_to_buffer(nccl.get_unique_id()) if comm.rank == 0 else np.zeros(ID_BYTES, np.int8)  # (128,)
         comm.comm.Bcast(buf, root=0)
         self.comm = nccl.NcclCommunicator(comm.size, id_from_buffer(buf), comm.rank)
-
-    @staticmethod
-    def _stream():
-        import cupy
-        return cupy.cuda.get_current_stream().ptr
 
     def _args(self, a):
         if not a.flags.c_contiguous:
