@@ -31,6 +31,7 @@ import hashlib
 import io
 import os
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -38,6 +39,10 @@ import numpy as np
 from nanograd.backend import BackendError, get_array_module
 from transformer.errors import UserError
 
+# Seconds between a failing rank's last message and MPI_Abort: the launcher forwards each rank's
+# output through a pipe and stops when the job is aborted, so a traceback written just before
+# could be lost (it was, now and then, in tests/test_distributed.py).
+ABORT_GRACE_S = 0.5
 # Set by the launchers in every process they start: MPICH / Intel MPI (Hydra), Open MPI, PMIx.
 LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
 
@@ -233,6 +238,7 @@ class Communicator:
         """End every rank of the job now, with exit status code."""
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(ABORT_GRACE_S)  # mpiexec forwards the ranks' output; at the abort it stops
         self.comm.Abort(code)
 
 
