@@ -249,7 +249,8 @@ def train(args, comm=None):
               f"{', gradients added in rank order' if args.exact_reduce else ''}")
     sync = GradientSync(comm, model.params, s["grad_accum_steps"], args.exact_reduce) if comm else None
     # AdamW begins on the output layer while the model walks back through the blocks (see
-    # Model.backward), unless it must first see every gradient: clipped, or summed over micro-batches.
+    # Model.backward), unless it must first see every gradient: clipped, or summed over micro-batches
+    # or over ranks.
     early_update = optimizer.start if s["grad_accum_steps"] == 1 and not s["grad_clip"] and not comm else None
     B, T, seed = s["batch_size"], s["context_length"], s["seed"]
 

@@ -171,7 +171,7 @@ def measure(args):
                "2 ranks, 1 thread each": (["mpiexec", "-n", "2", "-bind-to", "core"], 1)}
     table, notes = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for config in ("book", "compact"):
+        for config in args.configs:
             path = os.path.join(tmp, f"{config}.npy")
             np.save(path, ids if config == "book" else np.searchsorted(np.unique(ids), ids))
             pooled = {}
@@ -213,6 +213,7 @@ def main():
     parser.add_argument("--steps", type=int, default=12, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="times each layout is launched, in turn")
+    parser.add_argument("--configs", nargs="+", choices=["book", "compact"], default=["book", "compact"])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ids", help=argparse.SUPPRESS)
     parser.add_argument("--accum", type=int, default=1, help=argparse.SUPPRESS)
