@@ -4,6 +4,9 @@ Each test builds the long way round with NumPy (an explicit Jacobian, a one-hot
 matrix, the textbook lines, finite differences along one path) and holds the
 project's kernel to it, in float64.
 """
+import pathlib
+import re
+
 import numpy as np
 import pytest
 
@@ -46,6 +49,22 @@ def softmax_rows(z):
 def causal_preatt(rng, lead, T):
     """Random scores (*lead, T, T) of size ~1."""
     return rng.standard_normal((*lead, T, T))  # (*lead, T, T)
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_code_quoted_in_the_docs_is_in_the_code():
+    """Every line of every ```python block of docs/*.md is a line of nanograd/ or transformer/ (indentation aside),
+    so a page cannot go on quoting code that was changed or removed."""
+    code = {line.strip() for folder in ("nanograd", "transformer") for path in (ROOT / folder).rglob("*.py")
+            for line in path.read_text().splitlines()}
+    quoted = [(page.name, line.strip()) for page in sorted((ROOT / "docs").glob("*.md"))
+              for block in re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+              for line in block.splitlines() if line.strip()]
+    assert len(quoted) >= 20  # the pages of docs/README.md quote their kernels
+    missing = [f"{page}: {line}" for page, line in quoted if line not in code]
+    assert not missing, "docs quote code that is not there:\n" + "\n".join(missing)
 
 
 # --- attention.md -------------------------------------------------------------------------
