@@ -20,7 +20,7 @@ def embedding_backward(dout, cache):
 
     A token id that appears twice receives both upstream rows, so the rows
     are scatter-added; `dW[idx] += dout` would keep only one of them.
-    The ids are integers and get no gradient: returns dW alone.
+    The ids are integers and get no gradient: returns dW alone.  Derivation: docs/embedding.md.
     """
     xp = get_array_module(dout)
     V, C = cache.W_shape

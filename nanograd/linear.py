@@ -23,7 +23,7 @@ def linear_backward(dout, cache):
         dW = dout.T @ x        (summed over all leading positions)
         db = dout summed over all leading positions
 
-    Returns (dx, dW, db); db is None when there was no bias.
+    Returns (dx, dW, db); db is None when there was no bias.  Derivation: docs/linear.md.
     """
     x, W, has_bias = cache
     OUT, IN = W.shape
