@@ -149,7 +149,7 @@ def parse_inference(stdout):
 def test_inference_prints_text_and_every_parameter(trained):
     _, ckpt = trained
     stdout = run_script("inference.py", "--ckpt", ckpt, "--prompt", "The man", "--max-new-tokens", 20,
-                        cwd=ckpt.parent)
+                        "--list-params", cwd=ckpt.parent)
     text, count, shapes = parse_inference(stdout)
     assert text.startswith("The man") and len(text) > len("The man")
     tensors, meta = load_state(ckpt)
