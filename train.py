@@ -3,6 +3,7 @@
     python train.py                                  # built-in corpus, the book's settings
     python train.py --data my.txt --backend cupy     # your text, on an NVIDIA GPU
     python train.py --resume model/model.ckpt        # continue an interrupted run
+    python train.py --overwrite                      # start again over model/model.ckpt
 
 Reads top to bottom like the book's: settings, data, model, optimizer,
 the loop (evaluate, batch, forward, backward, step), save.

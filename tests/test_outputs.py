@@ -106,8 +106,16 @@ def test_a_metrics_file_alone_is_refused(data, tmp_path, capsys):
     (tmp_path / "m.metrics.jsonl").write_text('{"step": 0, "train_loss": 1, "valid_loss": 1}\n')
     before = state(tmp_path / "m.metrics.jsonl")
     assert main("--data", data, "--out", out, *S) == 2
-    one_error(capsys, r"m\.metrics\.jsonl already exists \(an earlier run's metrics\); .*--resume .*m\.ckpt")
+    one_error(capsys, r"^error: .*m\.metrics\.jsonl already exists \(an earlier run's metrics, without its "
+                      r"checkpoint .*m\.ckpt\); replace it with --overwrite, or choose a new --out$")
     assert state(tmp_path / "m.metrics.jsonl") == before and not out.exists()
+
+
+def test_an_empty_metrics_file_holds_nothing_to_refuse(data, tmp_path, capsys):
+    """A run killed (SIGKILL) before its first evaluation leaves an empty metrics file: no work."""
+    (tmp_path / "m.metrics.jsonl").write_text("")
+    assert main("--data", data, "--out", tmp_path / "m.ckpt", *S) == 0
+    assert [json.loads(x)["step"] for x in open(tmp_path / "m.metrics.jsonl")] == [0, 10, 19]
 
 
 def test_resuming_into_another_existing_out_is_refused(data, tmp_path, capsys):
@@ -207,27 +215,28 @@ def test_an_output_never_replaces_an_input_or_a_special_file(data, tmp_path, cap
 
 # ---- one run per output: the lock ------------------------------------------------------
 
-def test_a_second_run_on_a_locked_out_is_refused(data, tmp_path, capsys):
-    """Issue 16.3: another process holds the lock on m.ckpt's stem; this run stops in one line,
-    leaving the other's lock file, and creates no metrics file."""
+def test_a_second_run_on_a_running_out_is_refused(data, tmp_path, capsys):
+    """Issue 16.3: while one train.py writes m.ckpt, a second one (even with --overwrite, or a
+    --resume of the same file) stops in one line; the first run's metrics get no lines of it."""
     out = tmp_path / "m.ckpt"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, sys, time\n"
-        f"fd = os.open({lock_path(str(out))!r}, os.O_RDWR | os.O_CREAT)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-        "os.write(fd, str(os.getpid()).encode())\n"
-        "print('locked', flush=True)\n"
-        "sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    first = subprocess.Popen([sys.executable, "train.py", "--data", str(data), "--out", str(out), *S,
+                              "--max-iters", "100000", "--eval-interval", "100000", "--save-interval", "0"],
+                             cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout.readline() == "locked\n"
-        assert main("--data", data, "--out", out, *S) == 2
-        one_error(capsys, rf"^error: another training run \(pid {holder.pid}\) is writing .*m\.ckpt; "
+        for line in first.stdout:
+            if line.startswith("Step: 0"):
+                break
+        assert main("--data", data, "--out", out, *S, "--overwrite") == 2
+        one_error(capsys, rf"^error: another training run \(pid {first.pid}\) is writing .*m\.ckpt; "
                           r"wait for it to finish or choose another --out$")
-        assert Path(lock_path(str(out))).exists() and not out.exists()
-        assert not (tmp_path / "m.metrics.jsonl").exists()
+        assert Path(lock_path(str(out))).read_text() == f"{first.pid}\n"  # still the first run's
+        first.send_signal(signal.SIGINT)
+        rest, err = first.communicate(timeout=60)
     finally:
-        holder.stdin.close()
-        holder.wait(timeout=10)
+        first.kill()
+    assert first.returncode == 130, rest + err
+    assert [json.loads(x)["step"] for x in open(tmp_path / "m.metrics.jsonl")] == [0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt", "m.ckpt", "m.metrics.jsonl"]
 
 
 def test_two_checkpoints_with_one_stem_share_a_lock(tmp_path):

@@ -154,11 +154,17 @@ class RunOutputs:
         if self.overwrite or (self.resume is not None and same_file(self.out, self.resume)):
             return
         for path, what in ((self.out, "checkpoint"), (self.metrics_path, "metrics")):
+            if path == self.metrics_path and os.path.isfile(path) and not os.path.islink(path) \
+                    and os.path.getsize(path) == 0:
+                continue  # no evaluation in it (a run killed before its first): nothing to lose
             if os.path.lexists(path):
                 if self.resume is not None:
                     raise UserError(f"--out {path} already exists and is not the checkpoint being resumed; "
                                     f"leave out --out to continue {self.resume} in place, replace it with "
                                     "--overwrite, or choose a new --out")
+                if not os.path.lexists(self.out):  # metrics without a checkpoint: nothing to resume
+                    raise UserError(f"{path} already exists (an earlier run's metrics, without its checkpoint "
+                                    f"{self.out}); replace it with --overwrite, or choose a new --out")
                 raise UserError(f"{path} already exists (an earlier run's {what}); continue that run with "
                                 f"--resume {self.out}, replace it with --overwrite, or choose a new --out")
 
@@ -213,17 +219,21 @@ class RunOutputs:
             except FileNotFoundError:
                 pass
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self.lock = fd
+        try:  # who holds it, for the message another run prints
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as e:
+            raise UserError(f"cannot write the lock file {self.lock_path} ({e.strerror}); "
+                            "free some space or choose another --out") from e
 
     def _open_metrics(self):
         """A resumed run appends to its metrics file; a new run starts one (never through a link)."""
-        appending = self.resume is not None and same_file(self.out, self.resume) and not self.overwrite
-        if not appending and os.path.lexists(self.metrics_path):
-            os.remove(self.metrics_path)  # --overwrite said so; check_unclaimed refused it otherwise
+        appending = self.resume is not None and same_file(self.out, self.resume)
         flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_APPEND if appending else os.O_EXCL)
         try:
+            if not appending and os.path.lexists(self.metrics_path):
+                os.remove(self.metrics_path)  # --overwrite, or empty: check_unclaimed refused it otherwise
             fd = os.open(self.metrics_path, flags, 0o644)
         except OSError as e:
             raise UserError(f"cannot open the metrics file {self.metrics_path} ({e.strerror}); "
