@@ -101,7 +101,7 @@ def test_pickle_module_is_never_used(tmp_path, monkeypatch):
 
 
 def test_without_torch_the_message_gives_the_pinned_install(tmp_path, monkeypatch, capsys):
-    """Issue 13.8: the README pins torch; an unpinned `pip install torch` fetches whatever is newest."""
+    """Issue 13.8: the README pins torch; installing torch unpinned fetches whatever is newest."""
     save_state(tmp_path / "ours.ckpt", Model(H))
     monkeypatch.setitem(__import__("sys").modules, "torch", None)  # `import torch` raises ImportError
     assert main([str(tmp_path / "ours.ckpt"), str(tmp_path / "book.ckpt")]) == 2

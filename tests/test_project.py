@@ -34,7 +34,7 @@ def test_pytest_is_quiet_about_skips_unless_asked(tmp_path):
 
 
 def test_every_suggestion_to_install_torch_is_pinned():
-    """Issue 13.8: `pip install torch` alone fetches whatever is newest (and a CUDA build)."""
+    """Issue 13.8: installing torch without its version fetches whatever is newest (and a CUDA build)."""
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, timeout=30,
                            check=True).stdout.split()
     unpinned = []
