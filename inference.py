@@ -7,7 +7,8 @@ import signal
 import sys
 import time
 
-signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while the imports load: stop quietly (run_command resets it)
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while the imports load: stop quietly (run_command resets it)
 
 import numpy as np
 
@@ -71,7 +72,7 @@ def main(argv=None):
         out = model.generate(ids[None], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                              rng=np.random.default_rng(args.seed), kv_cache=not args.no_kv_cache,
-                             stop=interrupted.__bool__)[0]
+                             stop=lambda: bool(interrupted))[0]
     finally:
         interrupted.stop()
     seconds = time.perf_counter() - t0

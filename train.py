@@ -14,10 +14,11 @@ import os
 import shutil
 import signal
 import sys
-
-signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while the imports load: stop quietly (run_command resets it)
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while the imports load: stop quietly (run_command resets it)
 
 # nanograd splits its big kernels over the CPU cores itself; a BLAS that also ran threads
 # would fight it for the same cores (and its idle threads spin).  Set before NumPy loads.

@@ -331,9 +331,11 @@ def test_a_full_disk_at_the_metrics_file_is_one_line(data, tmp_path, capsys, mon
 
 # ---- signals and stale temp files (subprocesses) ---------------------------------------
 
-def test_sigterm_saves_like_ctrl_c(data, tmp_path):
-    """Issue 16.5: SIGTERM (kill, a job scheduler's stop) used to end the run unsaved; now the
-    step finishes, is saved, and the run exits 143 with the resume hint."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_saves_like_ctrl_c(data, tmp_path, sig):
+    """Issue 16.5: SIGTERM (kill, a job scheduler's stop) or SIGHUP (the terminal closed) used to
+    end the run unsaved; now the step finishes, is saved, and the run exits 128 + the signal's
+    number with the resume hint."""
     out = tmp_path / "m.ckpt"
     proc = subprocess.Popen([sys.executable, "train.py", "--data", str(data), "--out", str(out), *S,
                              "--max-iters", "100000", "--eval-interval", "100000"],
@@ -343,19 +345,43 @@ def test_sigterm_saves_like_ctrl_c(data, tmp_path):
         for line in proc.stdout:
             seen.append(line)
             if line.startswith("Step: 0"):
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(sig)
                 break
         rest, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     stdout = "".join(seen) + rest
-    assert proc.returncode == 143, stdout + err
+    assert proc.returncode == 128 + sig, stdout + err
     assert "Traceback" not in stdout + err
-    match = re.search(r"^Interrupted by SIGTERM after step (\d+); checkpoint saved to (.+)\. "
+    match = re.search(rf"^Interrupted by {sig.name} after step (\d+); checkpoint saved to (.+)\. "
                       r"Resume with: python train\.py --resume (.+)$", stdout, re.M)
     assert match, stdout
     assert load_state(out)[1]["step"] == int(match[1]) >= 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt", "m.ckpt", "m.metrics.jsonl"]
+
+
+def test_a_signal_ignored_from_the_start_stays_ignored(data, tmp_path):
+    """`nohup train.py &` ignores SIGHUP (and a script's background job SIGINT): the run must not
+    take them back and stop when the terminal closes."""
+    out = tmp_path / "m.ckpt"
+
+    def ignore():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    proc = subprocess.Popen([sys.executable, "train.py", "--data", str(data), "--out", str(out), *S,
+                             "--max-iters", "60", "--eval-interval", "100000"], preexec_fn=ignore,
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("Step: 0"):
+                proc.send_signal(signal.SIGHUP)
+                proc.send_signal(signal.SIGINT)
+                break
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, rest + err
+    assert "Interrupted" not in rest and load_state(out)[1]["step"] == 60
 
 
 def dead_pid():

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+
 class UserError(Exception):
     """Bad user input; str() is one sentence saying what is wrong and what to do."""
 
@@ -31,7 +32,8 @@ class OneLineParser(argparse.ArgumentParser):
 def run_command(main):
     """sys.exit(main()), quietly when the reader of stdout goes away (`... | head`), and with one
     line, not a traceback, on Ctrl-C (exit 130, as a shell reports it)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # train.py, inference.py: SIG_DFL while importing
+    if signal.getsignal(signal.SIGINT) == signal.SIG_DFL:  # train.py, inference.py set it while importing
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         try:
             code = main()

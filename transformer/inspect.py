@@ -14,7 +14,7 @@ import numpy as np
 from nanograd.backend import BackendError, get_backend, to_host
 
 from .errors import OneLineParser, UserError, run_command
-from .outputs import DEFAULT_OUT, check_default_folder
+from .outputs import DEFAULT_OUT, check_default_folder, check_not_special
 from .state import build_model, load_state
 from .tokenizer import encode_prompt, get_tokenizer
 
@@ -49,9 +49,14 @@ def draw(maps, labels, out_dir):
             fig.colorbar(image, ax=ax, fraction=0.046)
             fig.tight_layout()
             path = os.path.join(out_dir, f"block{i}_head{h}.png")
+            tmp = f"{path}.tmp.{os.getpid()}"  # then renamed: a link there is replaced, not followed
             try:
-                fig.savefig(path, dpi=100)
+                check_not_special(path, "the image")
+                fig.savefig(tmp, dpi=100, format="png")
+                os.replace(tmp, path)
             except OSError as e:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
                 raise UserError(f"cannot write {path} ({e.strerror}); choose another --out-dir") from e
             finally:
                 plt.close(fig)

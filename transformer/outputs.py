@@ -295,9 +295,11 @@ class RunOutputs:
 
 
 class Interrupts:
-    """While active, SIGINT (Ctrl-C) and SIGTERM are only recorded; the loop checks and stops cleanly."""
+    """While active, SIGINT (Ctrl-C), SIGTERM and SIGHUP (the terminal closed) are only recorded;
+    the loop checks and stops cleanly. A signal ignored from the start (`nohup`, a background job
+    of a script) stays ignored."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self):
         self.received = []  # signal numbers, in order
@@ -306,7 +308,8 @@ class Interrupts:
     def start(self):
         """Record the signals from now on; returns self."""
         for sig in self.SIGNALS:
-            self.previous[sig] = signal.signal(sig, lambda signum, _: self.received.append(signum))
+            if signal.getsignal(sig) != signal.SIG_IGN:
+                self.previous[sig] = signal.signal(sig, lambda signum, _: self.received.append(signum))
         return self
 
     def stop(self):
@@ -319,9 +322,9 @@ class Interrupts:
         return bool(self.received)
 
     def exit_code(self):
-        """128 + the first signal's number, as a shell reports a process it stopped: 130, 143."""
+        """128 + the first signal's number, as a shell reports a process it stopped: 130, 143, 129."""
         return 128 + self.received[0]
 
     def by(self):
-        """'' for Ctrl-C, else ' by SIGTERM': what the stop message names."""
+        """'' for Ctrl-C, else ' by SIGTERM' (or SIGHUP): what the stop message names."""
         return "" if self.received[0] == signal.SIGINT else f" by {signal.Signals(self.received[0]).name}"
