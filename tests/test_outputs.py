@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +175,12 @@ def make_case(tmp_path, data, case):
     if case == "out-is-a-fifo":
         os.mkfifo(tmp_path / "fifo.ckpt")
         return ["--data", data, "--out", tmp_path / "fifo.ckpt", "--overwrite"], []
+    if case == "out-is-a-device":  # a copy of /dev/null's node: replacing it harms nothing else
+        try:
+            os.mknod(tmp_path / "device.ckpt", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        except PermissionError as e:
+            pytest.skip(f"cannot make a device node here ({e}); out-is-a-fifo covers the same check")
+        return ["--data", data, "--out", tmp_path / "device.ckpt", "--overwrite"], []
     if case == "metrics-is-a-directory":
         (tmp_path / "m.metrics.jsonl").mkdir()
         return ["--data", data, "--out", tmp_path / "m.ckpt"], []
@@ -190,6 +197,7 @@ BAD_OUT = [
     ("metrics-is-the-data", r"--out .*x\.ckpt would overwrite the input .*x\.metrics\.jsonl with its metrics file"),
     ("out-is-a-hard-link-to-the-data", r"--out .*linked\.ckpt would overwrite the input .*data\.txt"),
     ("out-is-a-fifo", r"--out .*fifo\.ckpt is not a regular file \(a device, FIFO or socket\)"),
+    ("out-is-a-device", r"--out .*device\.ckpt is not a regular file \(a device, FIFO or socket\)"),
     ("metrics-is-a-directory", r"the metrics file .*m\.metrics\.jsonl is a directory"),
     ("metrics-is-a-symlink", r"the metrics file .*m\.metrics\.jsonl is a symbolic link"),
     ("out-ends-in-a-slash", r"--out .*newdir/ ends in a slash, so it names a folder; give a file path such as "
@@ -211,6 +219,8 @@ def test_an_output_never_replaces_an_input_or_a_special_file(data, tmp_path, cap
     assert sorted(p.name for p in tmp_path.iterdir()) == before_names
     if case == "out-is-a-fifo":
         assert fifo.is_fifo()
+    if case == "out-is-a-device":
+        assert (tmp_path / "device.ckpt").is_char_device()
 
 
 # ---- one run per output: the lock ------------------------------------------------------
