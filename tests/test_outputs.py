@@ -124,7 +124,7 @@ def test_resuming_into_another_existing_out_is_refused(data, tmp_path, capsys):
     other = finished_run(data, tmp_path / "b.ckpt", capsys)
     before = state(first, other, tmp_path / "b.metrics.jsonl")
     assert main("--data", data, "--resume", first, "--out", other, "--max-iters", "30") == 2
-    one_error(capsys, r"--out .*b\.ckpt already exists and is not the checkpoint being resumed; "
+    one_error(capsys, r"^error: .*b\.ckpt already exists and is not the run being resumed; "
                       r"leave out --out to continue .*a\.ckpt in place, replace it with --overwrite")
     assert state(first, other, tmp_path / "b.metrics.jsonl") == before
 

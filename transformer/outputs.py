@@ -159,9 +159,9 @@ class RunOutputs:
                 continue  # no evaluation in it (a run killed before its first): nothing to lose
             if os.path.lexists(path):
                 if self.resume is not None:
-                    raise UserError(f"--out {path} already exists and is not the checkpoint being resumed; "
-                                    f"leave out --out to continue {self.resume} in place, replace it with "
-                                    "--overwrite, or choose a new --out")
+                    raise UserError(f"{path} already exists and is not the run being resumed; leave out --out "
+                                    f"to continue {self.resume} in place, replace it with --overwrite, "
+                                    "or choose a new --out")
                 if not os.path.lexists(self.out):  # metrics without a checkpoint: nothing to resume
                     raise UserError(f"{path} already exists (an earlier run's metrics, without its checkpoint "
                                     f"{self.out}); replace it with --overwrite, or choose a new --out")
@@ -177,16 +177,16 @@ class RunOutputs:
         while not os.path.isdir(folder):
             missing.append(folder)
             folder = os.path.dirname(folder)
-        for folder in reversed(missing):
-            try:
-                os.mkdir(folder)
-            except FileExistsError:
-                continue
-            except OSError as e:
-                raise UserError(f"cannot create the folder {folder} for --out {self.out} "
-                                f"({e.strerror}); choose another --out") from e
-            self.created.append(folder)
         try:
+            for folder in reversed(missing):
+                try:
+                    os.mkdir(folder)
+                except FileExistsError:
+                    continue
+                except OSError as e:
+                    raise UserError(f"cannot create the folder {folder} for --out {self.out} "
+                                    f"({e.strerror}); choose another --out") from e
+                self.created.append(folder)
             self._lock()
             self.check_unclaimed()  # again, now that no other run can write here
             remove_stale_temps(self.out)
