@@ -423,6 +423,16 @@ def test_remove_stale_temps_ignores_other_names(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
 
 
+def test_a_file_that_is_not_a_lock_is_left_alone(tmp_path):
+    """m.run.lock holding anything but a process id is someone's file: refused, not rewritten."""
+    path = Path(lock_path(str(tmp_path / "m.ckpt")))
+    path.write_text("my notes about the run\n")
+    with pytest.raises(UserError, match=r"m\.run\.lock exists and is not a lock file of train\.py; move it away"):
+        RunOutputs(str(tmp_path / "m.ckpt")).claim()
+    assert path.read_text() == "my notes about the run\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.run.lock"]
+
+
 def test_lock_file_is_removed_and_stale_one_reused(tmp_path):
     """A killed run leaves its lock file, unlocked: the next run takes it over."""
     path = lock_path(str(tmp_path / "m.ckpt"))

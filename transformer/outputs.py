@@ -204,10 +204,14 @@ class RunOutputs:
             except OSError as e:
                 raise UserError(f"cannot create the lock file {self.lock_path} ({e.strerror}); "
                                 "remove it or choose another --out") from e
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+            if holder and not holder.isdigit():  # someone's own file of that name: not ours to rewrite
+                os.close(fd)
+                raise UserError(f"{self.lock_path} exists and is not a lock file of train.py; "
+                                "move it away or choose another --out")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
-                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
                 os.close(fd)
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise UserError(f"cannot lock {self.lock_path} ({e.strerror}); choose another --out") from e
