@@ -26,10 +26,10 @@ import numpy as np  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from nanograd import AdamW  # noqa: E402
-from nanograd.backend import cpu_threads, make_rng  # noqa: E402
+from nanograd.backend import make_rng  # noqa: E402
+from nanograd.fast import FastAdamW, FastModel  # noqa: E402
 from nanograd.fast.mpi import GradientSync, from_environment  # noqa: E402
-from transformer import Model  # noqa: E402
+from nanograd.fast.threads import cpu_threads  # noqa: E402
 from transformer.data import default_corpus, get_batch, split, tokenize  # noqa: E402
 from transformer.tokenizer import get_tokenizer  # noqa: E402
 
@@ -49,9 +49,8 @@ def worker(args):
     ids = np.load(args.ids)
     train_data, _ = split(ids)
     h = dict(BOOK, max_token_value=int(ids.max()) + 1)
-    model = Model(h, seed=h["seed"])
-    model.return_logits = False
-    optimizer = AdamW(model.params)
+    model = FastModel(h, seed=h["seed"])  # what train.py trains by default
+    optimizer = FastAdamW(model.params)
     B, T, seed, k = h["batch_size"], h["context_length"], h["seed"], args.accum
     sync = GradientSync(comm, model.params, k) if comm else None
     flat, views = (sync.flats[0], sync.views[0]) if sync else (None, None)
@@ -71,7 +70,9 @@ def worker(args):
                         views[name][...] = g[name]
                     requests.append(comm.comm.Iallreduce(comm.MPI.IN_PLACE, flat[head_offset:], op=comm.MPI.SUM))
 
-                micro_grads = model.backward(head_ready=head_ready)
+                model.head_ready = head_ready
+                micro_grads = model.backward()
+                model.head_ready = None
                 for name, g in micro_grads.items():
                     if name not in HEAD:
                         views[name][...] = g
@@ -145,7 +146,7 @@ def zero1_parts(comm, model, optimizer, flat, repeats):
         optimizer.step(grads)
         times["adamw_all"].append(time.perf_counter() - t)
         c.Barrier()
-        sub = AdamW({name: model.params[name] for name in half})
+        sub = FastAdamW({name: model.params[name] for name in half})
         t = time.perf_counter()
         sub.step({name: grads[name] for name in half})
         times["adamw_1/N"].append(time.perf_counter() - t)

@@ -27,6 +27,7 @@ rank exits with status 2 and one of them prints it; any later failure on one ran
 MPI_Abort, which ends every rank of the job (as `python -m mpi4py` does).
 """
 import contextlib
+import copy
 import hashlib
 import io
 import os
@@ -234,12 +235,42 @@ class Communicator:
         print(f"error: rank {self.rank}: {error}", file=sys.stderr, flush=True)
         self.abort(2)
 
+    def agree_on_signals(self, interrupts):
+        """Collective, once a step: a copy of interrupts (train.py's Interrupts) whose signals are
+        the same on every rank, the first one any rank received (in rank order), or none.  So all
+        ranks stop after the same step; one stopping alone would leave the others waiting."""
+        mine = np.zeros(self.size)  # (N,) each rank's first signal number, 0 for none
+        mine[self.rank] = interrupts.received[0] if interrupts.received else 0
+        everyone = self.allreduce_host(mine)  # (N,)
+        agreed = copy.copy(interrupts)  # a snapshot: a signal arriving now counts at the next step
+        agreed.received = [int(n) for n in everyone if n][:1]
+        return agreed
+
     def abort(self, code):
         """End every rank of the job now, with exit status code."""
         sys.stdout.flush()
         sys.stderr.flush()
         time.sleep(ABORT_GRACE_S)  # mpiexec forwards the ranks' output; at the abort it stops
         self.comm.Abort(code)
+
+
+class NoOutputs:
+    """What ranks other than 0 have in place of train.py's RunOutputs: they write no files."""
+
+    def check(self):
+        pass
+
+    def claim(self):
+        pass
+
+    def check_present(self, step):
+        pass
+
+    def log(self, record):
+        pass
+
+    def release(self):
+        pass
 
 
 def accum_per_rank(total, size):
