@@ -255,13 +255,17 @@ def train_run(corpus, cwd, name, *extra, ranks=None, accum=None):
 def single(corpus, tmp_path_factory):
     """One process, 2 and 4 micro-batches a step, 4 steps: the runs the ranks must reproduce."""
     cwd = tmp_path_factory.mktemp("single")
-    return cwd, {k: train_run(corpus, cwd, f"k{k}", "--max-iters", 4, "--eval-full", accum=k) for k in (2, 3, 4)}
+    runs = {k: train_run(corpus, cwd, f"k{k}", "--max-iters", 4, "--eval-full", accum=k) for k in (2, 3, 4)}
+    runs["reference"] = train_run(corpus, cwd, "reference", "--max-iters", 4, "--eval-full", "--reference", accum=2)
+    return cwd, runs
 
 
 @needs_mpi
-def test_two_ranks_are_one_process_with_two_micro_batches_bit_for_bit(corpus, single, tmp_path):
-    stdout, ckpt = train_run(corpus, tmp_path, "n2", "--max-iters", 4, "--eval-full", ranks=2)
-    one_stdout, one_ckpt = single[1][2]
+@pytest.mark.parametrize("path", ["fast", "reference"])
+def test_two_ranks_are_one_process_with_two_micro_batches_bit_for_bit(corpus, single, tmp_path, path):
+    flags = ["--reference"] if path == "reference" else []  # the plain Model and AdamW too
+    stdout, ckpt = train_run(corpus, tmp_path, "n2", "--max-iters", 4, "--eval-full", *flags, ranks=2)
+    one_stdout, one_ckpt = single[1][2 if path == "fast" else "reference"]
     assert step_lines(stdout) == step_lines(one_stdout) and len(step_lines(stdout)) == 3
     assert_same_checkpoint(ckpt, one_ckpt, exact=True)
     records = [json.loads(line) for line in open(ckpt.with_name("m.metrics.jsonl"), encoding="utf-8")]
@@ -380,3 +384,12 @@ def test_ctrl_c_stops_every_rank_after_the_same_step(corpus, tmp_path):
     assert len(saved) == 1  # rank 0 alone speaks, and both ranks stopped: the job ended
     step = int(saved[0].split()[3].rstrip(";"))
     assert load_state(tmp_path / "m.ckpt")[1]["step"] == step > 0
+
+
+@needs_mpi
+def test_a_run_that_blows_up_stops_every_rank_at_the_same_step(corpus, tmp_path):
+    result = mpiexec((2, [TRAIN, *TINY, "--data", corpus, "--max-iters", 30, "--learning-rate", "1e30",
+                          "--out", "m.ckpt"]), cwd=tmp_path)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 3 and len(lines) == 1, result.stderr  # both ranks saw it; rank 0 says so
+    assert lines[0].startswith("error: at step ") and "is not finite; stopping (nothing was saved)" in lines[0]

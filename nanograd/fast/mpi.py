@@ -25,6 +25,8 @@ A failure must not leave the other ranks waiting in a collective forever: a user
 found while setting up is agreed on by all ranks at the start check (check_same), so every
 rank exits with status 2 and one of them prints it; any later failure on one rank calls
 MPI_Abort, which ends every rank of the job (as `python -m mpi4py` does).
+
+docs/distributed.md has the launch commands, what each collective moves and a cost model.
 """
 import contextlib
 import copy
@@ -128,11 +130,13 @@ class Communicator:
         self.comm.Allreduce(self.MPI.IN_PLACE, a, op=self.MPI.SUM)
 
     def send(self, a, dest):
+        """a to rank dest (which calls recv)."""
         if device := self._device(a):
             return device.send(a, dest)
         self.comm.Send(a, dest=dest)
 
     def recv(self, a, source):
+        """a = what rank source sends."""
         if device := self._device(a):
             return device.recv(a, source)
         self.comm.Recv(a, source=source)
