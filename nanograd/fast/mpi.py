@@ -202,6 +202,7 @@ class Communicator:
         self._agree(error, {})
 
     def _agree(self, error, fields):
+        """The start check's exchange: each rank's failure flag and fingerprints of its fields."""
         keys = sorted(fields)
         digests = np.array([digest(f"{key}={fields[key]!r}") for key in keys], dtype=np.int64)  # (F,)
         mine = np.array([error is not None, len(keys), digest(repr(keys) + digests.tobytes().hex())],
