@@ -82,3 +82,50 @@ def test_only_contiguous_float_arrays_are_sent():
     with pytest.raises(ValueError, match="contiguous"):
         ops.allreduce_sum(DeviceArray(np.zeros((4, 4), np.float32)[:, 1]))
     assert ops.comm.calls == []
+
+
+class FakeRuntime:
+    def __init__(self, count):
+        self.count, self.device = count, None
+
+    def getDeviceCount(self):
+        return self.count
+
+    def setDevice(self, device):
+        self.device = device
+
+
+def a_rank(rank, local_rank):
+    """A Communicator without MPI: use_device needs only the rank numbers."""
+    from nanograd.fast.mpi import Communicator
+    comm = object.__new__(Communicator)
+    comm.rank, comm.local_rank = rank, local_rank
+    return comm
+
+
+def test_each_rank_takes_the_gpu_of_its_number_on_its_machine(monkeypatch):
+    from types import SimpleNamespace
+
+    from nanograd import backend
+    from nanograd.fast import mpi
+    from transformer.errors import UserError
+    runtime = FakeRuntime(count=2)
+    monkeypatch.setattr(backend, "cupy", SimpleNamespace(cuda=SimpleNamespace(runtime=runtime)))
+    monkeypatch.setattr(mpi, "load_nccl", lambda: SimpleNamespace(get_version=lambda: 22000))
+    a_rank(rank=3, local_rank=1).use_device("cupy")
+    assert runtime.device == 1
+    with pytest.raises(UserError, match="rank 4 is rank 2 on its machine, which has 2 GPUs; start at most 2"):
+        a_rank(rank=4, local_rank=2).use_device("cupy")
+
+    def no_nccl():
+        raise ImportError("libnccl.so.2: cannot open shared object file")
+
+    monkeypatch.setattr(mpi, "load_nccl", no_nccl)
+    with pytest.raises(UserError, match=r"needs NCCL, which CuPy cannot load \(libnccl.so.2: .*pip install nvidia-nccl"):
+        a_rank(rank=0, local_rank=0).use_device("cupy")
+    monkeypatch.setattr(mpi, "load_nccl", lambda: SimpleNamespace(available=False))
+    with pytest.raises(UserError, match=r"needs NCCL, which CuPy cannot load \(CuPy found no NCCL library\)"):
+        a_rank(rank=0, local_rank=0).use_device("cupy")
+    runtime.device = None
+    a_rank(rank=1, local_rank=1).use_device("numpy")  # NumPy ranks touch no GPU
+    assert runtime.device is None

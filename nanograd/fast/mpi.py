@@ -161,10 +161,12 @@ class Communicator:
 
     # ---- starting and failing together ----------------------------------------------------
     def use_device(self, backend):
-        """Before CuPy starts: one GPU per rank, numbered by the rank on its machine."""
+        """Before CuPy starts: one GPU per rank, numbered by the rank on its machine; and NCCL
+        checked now, while a failure is still agreed on at the start check."""
         if backend != "cupy":
             return
-        from nanograd.backend import cupy
+        from nanograd import backend as backends
+        cupy = backends.cupy
         if cupy is None:
             return  # get_backend says why, on every rank
         try:
@@ -175,6 +177,14 @@ class Communicator:
             raise UserError(f"rank {self.rank} is rank {self.local_rank} on its machine, which has "
                             f"{count} GPU{'s' if count != 1 else ''}; start at most {count} ranks per machine")
         cupy.cuda.runtime.setDevice(self.local_rank)
+        try:
+            nccl = load_nccl()
+            if not getattr(nccl, "available", True):  # CuPy's import never fails: it says so here
+                raise ImportError("CuPy found no NCCL library")
+            nccl.get_version()
+        except Exception as e:
+            raise UserError(f"--backend cupy under mpiexec needs NCCL, which CuPy cannot load ({e}); install "
+                            "it with pip install nvidia-nccl-cu12 (or -cu13, to match your CuPy)") from None
 
     def parse(self, parse_args, argv):
         """parse_args(argv) with its messages held back: --help is printed once, by rank 0, and
@@ -257,6 +267,12 @@ class Communicator:
         sys.stderr.flush()
         time.sleep(ABORT_GRACE_S)  # mpiexec forwards the ranks' output; at the abort it stops
         self.comm.Abort(code)
+
+
+def load_nccl():
+    """cupy.cuda.nccl, imported on first use."""
+    from cupy.cuda import nccl
+    return nccl
 
 
 class NoOutputs:

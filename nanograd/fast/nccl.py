@@ -44,7 +44,8 @@ class NcclOps:
         """comm: the MPI Communicator (rank, size and the id's broadcast).  nccl: cupy.cuda.nccl;
         stream: a function giving the CUDA stream to queue on (default CuPy's current one)."""
         if nccl is None:
-            from cupy.cuda import nccl
+            from .mpi import load_nccl
+            nccl = load_nccl()
         self.nccl, self._stream = nccl, stream or _current_stream
         buf = id_to_buffer(nccl.get_unique_id()) if comm.rank == 0 else np.zeros(ID_BYTES, np.int8)  # (128,)
         comm.comm.Bcast(buf, root=0)
