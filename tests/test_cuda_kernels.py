@@ -39,15 +39,6 @@ layouts = st.sampled_from(["C", "F", "strided"])
 
 
 @pytest.fixture(scope="module")
-def cp():
-    """CuPy, or a skip with the one-sentence reason it cannot run here."""
-    reason = backend.cupy_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    return backend.get_backend("cupy")
-
-
-@pytest.fixture(scope="module")
 def ck(cp):
     from nanograd import cuda_kernels
     return cuda_kernels
