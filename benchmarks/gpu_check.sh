@@ -89,8 +89,15 @@ no_cupy() {
     esac
 }
 
-# The line that sums a phase up, from its log.
+# The line that sums a phase up, from its log; else its first error.
 key_line() {
+    local line
+    line=$(phase_line "$1")
+    [[ -z $line ]] && line=$(grep -m1 -E '^(error:|FAIL|E  )' "$OUT_DIR/$1.log" 2>/dev/null)
+    echo "$line" | cut -c1-300 | sed 's/|/\//g'
+}
+
+phase_line() {
     local f=$OUT_DIR/$1.log
     case $1 in
         env) grep -E '^(GPU|cupy_unavailable_reason):' "$f" | paste -sd ';' ;;
@@ -100,7 +107,7 @@ key_line() {
         train|resume) { grep -E '^Step: ' "$f" | tail -n 1; grep -E '^Training complete' "$f"; } | paste -sd ';' ;;
         inference) grep -E '^Generated ' "$f" | tail -n 1 ;;
         bench) grep -E '^(loss check|bench):' "$f" | paste -sd ';' ;;
-    esac 2>/dev/null | cut -c1-300 | sed 's/|/\//g'
+    esac 2>/dev/null
 }
 
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfEs -x)

@@ -2,6 +2,7 @@
 from typing import NamedTuple
 
 from .backend import fused_kernels, get_array_module
+from .ids import check_ids
 
 
 class CrossEntropyCache(NamedTuple):
@@ -13,8 +14,10 @@ def cross_entropy_forward(logits, targets):
     """loss = mean_n(logsumexp(logits[n]) - logits[n, targets[n]]).
 
     logits (N, V), targets (N,) ints -> loss, a 0-d array.  Cache: probs, targets.
-    The row max is subtracted before exp, so no exp overflows.
+    The row max is subtracted before exp, so no exp overflows.  A target
+    outside 0..V-1 raises IndexError (CuPy's indexing would wrap it).
     """
+    check_ids(targets, logits.shape[-1], "target ids")
     if fused := fused_kernels(logits):  # CuPy: the same in one CUDA kernel
         return fused.cross_entropy_forward(logits, targets)
     xp = get_array_module(logits)
