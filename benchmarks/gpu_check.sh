@@ -15,6 +15,7 @@
 #   bash benchmarks/gpu_check.sh          # results in $OUT, or ./gpu_out when OUT is unset
 #
 # Exit status: 0 when every phase passed, 1 when one failed, timed out or had no time left.
+# GPU_CHECK_PHASES="env kernels" runs only the phases named (the tests use it).
 # NANOGRAD_REQUIRE_CUPY=1 is set, so a test that cannot reach CuPy fails instead of
 # skipping.  GPU_CHECK_REQUIRE_CUPY=0 is the dry run for a machine without a GPU: then
 # a phase that finds CuPy unable to run (exit 2, or skipped tests) reads "no CuPy" and
@@ -51,6 +52,7 @@ say() { echo "$*" | tee -a "$LOG"; }
 run_phase() {
     local name=$1 cap=$2
     shift 2
+    [[ -n ${GPU_CHECK_PHASES:-} && " $GPU_CHECK_PHASES " != *" $name "* ]] && return
     local left=$(( START + TOTAL_S - $(date +%s) ))
     local limit=$(( cap < left ? cap : left ))
     if (( limit < 5 )); then

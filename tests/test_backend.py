@@ -166,3 +166,14 @@ def test_parallel_returns_results_in_order_under_the_callers_errstate():
         backend.parallel([(overflow, 1), (overflow, 10)])
     with np.errstate(over="ignore"):
         assert backend.parallel([(overflow, 10)]) == [np.inf]
+
+
+def test_cupy_extras_need_a_release_built_for_numpy_2():
+    """The numpy>=1.24 this project allows includes NumPy 2; CuPy supports NumPy 2 from 14.0 on
+    (13.x imports under it but is not supported there), so the extras must not let pip pick 13."""
+    import tomllib
+    from pathlib import Path
+    extras = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())[
+        "project"]["optional-dependencies"]
+    assert extras["cuda12"] == ["cupy-cuda12x>=14"]
+    assert extras["cuda13"] == ["cupy-cuda13x>=14"]
