@@ -270,6 +270,34 @@ def test_adamw_optimizer_fused_matches_plain(cp, dtype):
         np.testing.assert_array_equal(to_host(results[True][n]), to_host(results[False][n]), err_msg=n)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adamw_tables_update_every_parameter_in_one_launch(ck, cp, dtype, monkeypatch):
+    """AdamWTables: one adamw_multi launch for parameters of many sizes (one larger than a
+    block's chunk, one empty), bit-identical to adamw_update on each, and the per-block sums
+    of squares add up to the squared global norm."""
+    rng = np.random.default_rng(9)
+    shapes = [(ck.ADAMW_CHUNK * 2 + 5,), (3, 7), (0,), (1,), (40, 33)]
+    start = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    plain = [[cp.array(a), cp.zeros(a.shape, dtype), cp.zeros(a.shape, dtype)] for a in start]
+    fast = [[cp.array(a), cp.zeros(a.shape, dtype), cp.zeros(a.shape, dtype)] for a in start]
+    tables = ck.AdamWTables(*[[f[i] for f in fast] for i in range(3)])
+    launches = []
+    kernel = ck._adamw_kernel(dtype)
+    monkeypatch.setattr(ck, "_adamw_kernel", lambda d: lambda *a: (launches.append(a), kernel(*a)))
+    for t in range(1, 4):
+        grads = [cp.asarray(rng.standard_normal(s).astype(dtype)) for s in shapes]
+        for (p, m, v), g in zip(plain, grads):
+            with fused(False):
+                adamw_update(p, g, m, v, 1e-2, 0.9, 0.999, 1e-8, 0.01, t)
+        squares = tables.step(grads, 1e-2, 0.9, 0.999, 1e-8, 0.01, t)
+        want = sum(float((to_host(g).astype(np.float64) ** 2).sum()) for g in grads)
+        assert abs(float(squares.sum()) - want) <= TOL[dtype]["rtol"] * want
+    assert len(launches) == 3  # one per step
+    for k, (f, p) in enumerate(zip(fast, plain)):
+        for what, a, b in zip("pmv", f, p):
+            np.testing.assert_array_equal(to_host(a), to_host(b), err_msg=f"{what} of parameter {k}")
+
+
 # ---- the wiring -------------------------------------------------------------------------
 
 def test_plain_kernels_dispatch_to_fused_on_cupy(ck, cp, monkeypatch):
@@ -336,6 +364,21 @@ def test_a_single_row_mean_is_compared_at_the_inputs_scale():
     assert_close(fused_, plain, "float32", "mean", scale=float(np.abs(x).max()))
     with pytest.raises(pytest.fail.Exception):
         assert_close(plain + np.float32(1e-3), plain, "float32", "mean", scale=float(np.abs(x).max()))
+
+
+@pytest.mark.parametrize("sizes, chunk, tensor, first", [
+    ([5, 0, 8, 1], 4, [0, 0, 2, 2, 3], [0, 4, 0, 4, 0]),
+    ([4], 4, [0], [0]),
+    ([], 4, [], []),
+    ([0, 0], 4, [], []),
+])
+def test_adamw_block_table(sizes, chunk, tensor, first):
+    """Each tensor cut into blocks of chunk elements, in order; an empty tensor gets no block."""
+    from nanograd import cuda_kernels
+    got_tensor, got_first = cuda_kernels.block_table(sizes, chunk)
+    assert got_tensor.dtype == np.int32 and got_first.dtype == np.int64
+    np.testing.assert_array_equal(got_tensor, tensor)
+    np.testing.assert_array_equal(got_first, first)
 
 
 def test_numpy_arrays_get_no_fused_kernels():
