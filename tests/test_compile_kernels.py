@@ -102,7 +102,8 @@ def test_a_kernel_name_missing_from_the_source_fails(fake_nvrtc, capsys):
 
 
 def test_without_nvrtc_one_sentence_and_exit_2(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "cupy_backends", None)  # import fails, as with no CuPy installed
+    for name in ("cupy_backends", "cupy_backends.cuda", "cupy_backends.cuda.libs", "cupy_backends.cuda.libs.nvrtc"):
+        monkeypatch.setitem(sys.modules, name, None)  # the import fails, as with no CuPy installed
     assert compile_kernels.main([]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: NVRTC cannot be loaded") and err.count("\n") == 1

@@ -7,6 +7,7 @@ run, read "no CuPy".
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,8 @@ def test_phases_run_in_order_and_their_caps_fit_300_s():
 
 
 def run_script(tmp_path, phases, require):
-    env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_PHASES": phases, "GPU_CHECK_REQUIRE_CUPY": require}
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_PHASES": phases, "GPU_CHECK_REQUIRE_CUPY": require,
+           "PYTHON": sys.executable}
     env.pop("NANOGRAD_REQUIRE_CUPY", None)
     result = subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
     rows = re.findall(r"^\| ([\w-]+) \| ([^|]+) \|", result.stdout, re.M)
