@@ -3,9 +3,13 @@
     python train.py                                  # built-in corpus, the book's settings
     python train.py --data my.txt --backend cupy     # your text, on an NVIDIA GPU
     python train.py --resume model/model.ckpt        # continue an interrupted run
+    python train.py --reference                      # the plain Model and AdamW (slower, same numbers)
 
 Reads top to bottom like the book's: settings, data, model, optimizer,
-the loop (evaluate, batch, forward, backward, step), save.
+the loop (evaluate, batch, forward, backward, step), save.  By default the
+model and optimizer are the fast twins from nanograd/fast/ (FastModel,
+FastAdamW); --reference trains with transformer/model.py's Model and
+nanograd/adamw.py's AdamW, the code to read.
 """
 import hashlib
 import json
@@ -24,8 +28,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np
 
 from nanograd import AdamW
-from nanograd.backend import BackendError, cpu_threads, get_backend, make_rng
+from nanograd.backend import BackendError, get_backend, make_rng
 from nanograd.clip import clip_grad_norm
+from nanograd.fast import FastAdamW, FastModel
+from nanograd.fast.threads import cpu_threads
 from transformer import Model
 from transformer.checkpoint import save_checkpoint
 from transformer.data import check_splits, default_corpus, get_batch, read_text, split, tokenize
@@ -73,6 +79,8 @@ def parse_args(argv):
     parser.add_argument("--wandb", nargs="?", const="LLMZhang_lesson_2", default=None, metavar="PROJECT",
                         help="log to Weights & Biases (WANDB_MODE=offline works without an account)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--reference", action="store_true",
+                        help="train with the plain Model and AdamW (the code to read; slower, same numbers)")
     return parser.parse_args(argv)
 
 
@@ -157,6 +165,56 @@ def full_loss(model, data, context_length, batch_size):
     return total / n
 
 
+def make_model_and_optimizer(h_params, backend, s, reference):
+    """The model and AdamW: the fast twins (nanograd/fast/), or with reference the plain ones."""
+    if reference:
+        model = Model(h_params, backend=backend, dtype=s["dtype"], seed=s["seed"])
+        return model, AdamW(model.params, lr=s["learning_rate"])
+    model = FastModel(h_params, backend=backend, dtype=s["dtype"], seed=s["seed"])
+    optimizer = FastAdamW(model.params, lr=s["learning_rate"])
+    if s["grad_accum_steps"] == 1 and not s["grad_clip"]:  # AdamW need not see every gradient first:
+        model.head_ready = optimizer.start  # it begins on the output layer mid-backward
+    return model, optimizer
+
+
+def train_step(model, optimizer, micro_batches, grad_clip):
+    """One step of the book's loop: forward and backward of each micro-batch (inputs, targets,
+    dropout generator), their mean gradient, clipped if grad_clip, then one AdamW update.
+    Returns the mean loss, the gradients and their norm."""
+    k = len(micro_batches)
+    loss, grads = 0.0, None
+    for xb, yb, rng in micro_batches:
+        model.rng = rng
+        loss += model(xb, yb)[1] / k
+        micro_grads = model.backward()
+        if grads is None:  # a copy when more come: FastModel's next backward() reuses its arrays
+            grads = micro_grads if k == 1 else {name: g.copy() for name, g in micro_grads.items()}
+        else:
+            for name, g in micro_grads.items():
+                grads[name] += g
+    if k > 1:
+        for g in grads.values():
+            g *= 1.0 / k  # the mean over micro-batches = one big batch
+    if grad_clip:
+        clip_grad_norm(grads, grad_clip)
+    norm = optimizer.step(grads)
+    return loss, grads, norm
+
+
+def estimate_loss(model, train_data, val_data, s, step):
+    """The book's estimate: mean loss of eval_iters random batches per split, dropout off."""
+    B, T = s["batch_size"], s["context_length"]
+    model.eval()
+    losses = {}
+    for stream, (name, data) in enumerate((("train", train_data), ("valid", val_data))):
+        rng = np.random.default_rng([s["seed"], 2 + stream, step])
+        losses[name] = float(np.mean([model(*get_batch(data, B, T, rng))[1] for _ in range(s["eval_iters"])]))
+    if s["eval_full"]:
+        losses["valid_full"] = full_loss(model, val_data, T, B)
+    model.train()
+    return losses
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -201,9 +259,7 @@ def train(args):
     h_params["max_token_value"] = len(vocab) if vocab is not None else int(ids.max()) + 1
     if args.resume:
         h_params["max_token_value"] = saved_meta["h_params"]["max_token_value"]
-    model = Model(h_params, backend=args.backend, dtype=s["dtype"], seed=s["seed"])
-    model.return_logits = False  # the loop needs only the loss: the output layer and loss run fused
-    optimizer = AdamW(model.params, lr=s["learning_rate"])
+    model, optimizer = make_model_and_optimizer(h_params, args.backend, s, args.reference)
     start = 0
     if args.resume:
         load_params(model, saved_tensors)
@@ -213,14 +269,11 @@ def train(args):
     print(f"Model: {model.num_params():,} parameters, vocabulary {h_params['max_token_value']:,}, "
           f"{s['dtype']}")
     run = {**s, "data_sha256": data_sha}
-    # AdamW begins on the output layer while the model walks back through the blocks (see
-    # Model.backward), unless it must first see every gradient: clipped, or summed over micro-batches.
-    early_update = optimizer.start if s["grad_accum_steps"] == 1 and not s["grad_clip"] else None
     B, T, seed = s["batch_size"], s["context_length"], s["seed"]
 
     # A checkpoint (200 MB in the book's config) is written on a thread of its own while the
-    # loop goes on: evaluating and the next forward only read the weights and AdamW's
-    # moments, so it need only be done before the next backward, where AdamW may start.
+    # loop evaluates: that only reads the weights, so the save need only be done before the
+    # next step changes them.
     writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
     writing = []  # the save in flight, if any
 
@@ -238,19 +291,6 @@ def train(args):
             raise UserError(f"cannot write the checkpoint {out} ({e.strerror or e}); "
                             "the file there, if any, is the last good one") from e
 
-    def estimate_loss(step):
-        """The book's estimate: mean loss of eval_iters random batches per split, dropout off."""
-        model.eval()
-        losses = {}
-        for stream, (name, data) in enumerate((("train", train_data), ("valid", val_data))):
-            rng = np.random.default_rng([seed, 2 + stream, step])
-            losses[name] = float(np.mean([model(*get_batch(data, B, T, rng))[1]
-                                          for _ in range(s["eval_iters"])]))
-        if s["eval_full"]:
-            losses["valid_full"] = full_loss(model, val_data, T, B)
-        model.train()
-        return losses
-
     # ---- logging: the book's lines, a progress bar on a terminal, metrics JSONL, wandb ------
     wandb_run = start_wandb(args.wandb, h_params, s) if args.wandb else None  # may fail: before any file
     metrics_path = os.path.splitext(out)[0] + ".metrics.jsonl"
@@ -265,7 +305,7 @@ def train(args):
     try:
         for step in range(start, s["max_iters"]):
             if step % s["eval_interval"] == 0 or step == s["max_iters"] - 1:
-                losses = estimate_loss(step)
+                losses = estimate_loss(model, train_data, val_data, s, step)
                 line = (f"Step: {step}, Training Loss: {losses['train']:.3f}, "
                         f"Validation Loss: {losses['valid']:.3f}")
                 if "valid_full" in losses:
@@ -280,26 +320,10 @@ def train(args):
 
             optimizer.lr = learning_rate(step, s["learning_rate"], s["lr_schedule"], s["warmup_iters"],
                                          s["max_iters"], s["min_lr"])
-            grads, loss = None, 0.0
-            for micro in range(s["grad_accum_steps"]):
-                xb, yb = get_batch(train_data, B, T, np.random.default_rng([seed, 0, step, micro]))
-                model.rng = make_rng(xp, seed, 1, step, micro)
-                loss += model(xb, yb)[1] / s["grad_accum_steps"]
-                finish_saving()  # before AdamW changes what it writes
-                micro_grads = model.backward(head_ready=early_update)
-                if grads is None:  # a copy: the next backward() reuses its arrays
-                    grads = micro_grads if s["grad_accum_steps"] == 1 else {
-                        name: g.copy() for name, g in micro_grads.items()}
-                else:
-                    for name, g in micro_grads.items():
-                        grads[name] += g
-            if s["grad_accum_steps"] > 1:
-                for g in grads.values():
-                    g *= 1.0 / s["grad_accum_steps"]  # the mean over micro-batches = one big batch
-
-            if s["grad_clip"]:
-                clip_grad_norm(grads, s["grad_clip"])
-            norm = optimizer.step(grads)  # the gradients' norm, summed on the way
+            micro_batches = [(*get_batch(train_data, B, T, np.random.default_rng([seed, 0, step, micro])),
+                              make_rng(xp, seed, 1, step, micro)) for micro in range(s["grad_accum_steps"])]
+            finish_saving()  # before the step changes what it writes
+            loss, grads, norm = train_step(model, optimizer, micro_batches, s["grad_clip"])
             if not (math.isfinite(loss) and math.isfinite(norm)):  # the update is lost: nothing saves it
                 bad = next((n for n, g in grads.items() if not bool(xp.isfinite(g).all())), None)
                 what = f"the gradient of {bad}" if bad else f"the loss ({loss})"

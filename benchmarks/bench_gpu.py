@@ -12,8 +12,8 @@ ends with the loss as a Python float, which waits for the GPU; the device is
 also synchronized before and after every timed step.  TF32 is off in both
 (CUPY_TF32=0; torch's allow_tf32 flags False): true float32 matrix products.
 
-    cupy-fused   our model with the fused CUDA kernels (nanograd/cuda_kernels.py), the default
-    cupy-plain   the same model, the plain xp kernels only (what NANOGRAD_FUSED=0 runs)
+    cupy-fused   FastModel and FastAdamW: the CUDA kernels (nanograd/fast/cuda_kernels.py), what train.py runs
+    cupy-plain   Model and AdamW: the plain xp kernels only (what train.py --reference runs)
     torch        the book's model (transformer/book_torch.py), eager
 
 Prints a markdown table: median ms/step with the 10th-90th percentile,
@@ -85,15 +85,17 @@ def loss_check(name, ours, theirs):
 
 
 def bench_config(cp, torch, name, cfg, vocab, steps, warmup, sync):
-    """{impl: list of step times in ms}, and a line checking that both models compute the same loss."""
-    from nanograd import AdamW, backend
+    """{impl: list of step times in ms}, and whether both of our models compute torch's loss (with the lines saying so)."""
+    from nanograd import AdamW
     from nanograd.backend import to_host
+    from nanograd.fast import FastAdamW, FastModel
     from transformer import Model, book_torch
 
     h = {**{k: v for k, v in cfg.items() if k != "batch_size"}, "max_token_value": vocab}
     model = Model(h, backend="cupy", dtype="float32", seed=0)
-    model.return_logits = False  # as train.py does
+    fast = FastModel(h, backend="cupy", dtype="float32", seed=0)  # the same weights
     opt = AdamW(model.params, lr=1e-3)
+    fast_opt = FastAdamW(fast.params, lr=1e-3)
     tmodel = book_torch.Model(h).cuda()
     book_torch.load_numpy_params(tmodel, {k: to_host(v) for k, v in model.params.items()})
     topt = torch.optim.AdamW(tmodel.parameters(), lr=1e-3)
@@ -104,45 +106,43 @@ def bench_config(cp, torch, name, cfg, vocab, steps, warmup, sync):
     ours = [(cp.asarray(x), cp.asarray(y)) for x, y in host]
     theirs = [(torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda()) for x, y in host]
 
-    # the same function of the same weights: eval-mode losses on the first batch
-    model.eval()
+    # the same function of the same weights: eval-mode losses on the first batch, both of ours against torch's
     tmodel.eval()
     with torch.no_grad():
         loss_t = tmodel(*theirs[0])[1].item()
-    loss_o = model(*ours[0])[1]
-    model.train()
     tmodel.train()
-    ok, check = loss_check(name, loss_o, loss_t)
+    checks = []
+    for label_, m in (("cupy-fused", fast), ("cupy-plain", model)):
+        loss_o = m.eval()(*ours[0])[1]
+        m.train()
+        checks.append(loss_check(f"{name} {label_}", loss_o, loss_t))
+    ok, check = all(c[0] for c in checks), "\n".join(c[1] for c in checks)
 
-    def ours_step(fused):
+    def ours_step(m, o):
         def step(i):
-            backend.use_fused_kernels = fused
             x, y = ours[i % len(ours)]
-            model(x, y)
-            opt.step(model.backward())
+            m(x, y)
+            o.step(m.backward())
         return step
 
     def torch_step(i):
         x, y = theirs[i % len(theirs)]
         book_torch.book_train_step(tmodel, topt, x, y)
 
-    run = {"cupy-fused": ours_step(True), "cupy-plain": ours_step(False), "torch": torch_step}
+    run = {"cupy-fused": ours_step(fast, fast_opt), "cupy-plain": ours_step(model, opt), "torch": torch_step}
     times = {impl: [] for impl in IMPLS}
-    try:
-        for i in range(warmup + steps):
-            order = IMPLS[i % len(IMPLS):] + IMPLS[:i % len(IMPLS)]
-            for impl in order:
-                sync()
-                t0 = time.perf_counter()
-                run[impl](i)
-                sync()
-                if i >= warmup:
-                    times[impl].append(1000 * (time.perf_counter() - t0))
-    finally:
-        backend.use_fused_kernels = True
+    for i in range(warmup + steps):
+        order = IMPLS[i % len(IMPLS):] + IMPLS[:i % len(IMPLS)]
+        for impl in order:
+            sync()
+            t0 = time.perf_counter()
+            run[impl](i)
+            sync()
+            if i >= warmup:
+                times[impl].append(1000 * (time.perf_counter() - t0))
     memory = {"cupy": cp.get_default_memory_pool().total_bytes() / 2**20,
               "torch": torch.cuda.max_memory_allocated() / 2**20}
-    del model, opt, tmodel, topt
+    del model, opt, fast, fast_opt, tmodel, topt
     cp.get_default_memory_pool().free_all_blocks()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

@@ -3,14 +3,15 @@
 Each function computes what its plain twin computes, with the same inputs,
 outputs and cache, in one or two kernel launches instead of a dozen passes
 over memory; tests/test_cuda_kernels.py proves every pair agrees.  The plain
-kernels call these through ``backend.fused_kernels(...)``, which imports this
-module only for CuPy arrays and only while ``backend.use_fused_kernels`` is on
-(``NANOGRAD_FUSED=0`` turns it off), so NumPy never reaches this file.
+kernels never call these: FastModel (nanograd/fast/model.py) and FastAdamW
+(nanograd/fast/adamw.py) do, on CuPy arrays, in place of
 
-    layernorm_forward / layernorm_backward          one block per row (+ column sums for dw, db)
-    causal_softmax_forward / causal_softmax_backward  one warp per row of attention scores
-    cross_entropy_forward / cross_entropy_backward  one block per row of V logits
-    adamw_update, AdamWTables                       one launch for every parameter
+    nanograd.layernorm_forward / _backward       one block per row (+ column sums for dw, db)
+    nanograd.attention.causal_softmax_forward / _backward   one warp per row of attention scores
+    nanograd.attention_forward / _backward       the plain attention with the softmax above
+    nanograd.cross_entropy_forward / _backward   one block per row of V logits
+    nanograd.adamw.adamw_update                  adamw_update (one parameter) and AdamWTables
+                                                 (every parameter in one launch, for FastAdamW)
 
 The CUDA source is written once for a type ``real`` and compiled, on first
 use, for float or double (CuPy also keeps the binaries in its disk cache).
@@ -25,7 +26,12 @@ import re
 
 import numpy as np
 
-from .backend import cupy
+from ..attention import AttentionCache, merge_heads, project_heads
+from ..backend import cupy
+from ..cross_entropy import CrossEntropyCache
+from ..dropout import dropout_backward, dropout_forward
+from ..ids import check_ids
+from ..layernorm import EPS, LayerNormCache
 
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _ROWS_PER_WARP_BLOCK = 4  # causal softmax: warps (rows) per block of 128 threads
@@ -311,9 +317,8 @@ def _launch(kernel, blocks, threads, args):
 
 # ---- LayerNorm ------------------------------------------------------------------------
 
-def layernorm_forward(x, w, b, eps):
+def layernorm_forward(x, w, b, eps=EPS):
     """nanograd.layernorm.layernorm_forward in one kernel: (out, LayerNormCache)."""
-    from .layernorm import LayerNormCache
     C = x.shape[-1]
     N = x.size // C if C else 0
     real = x.dtype.type
@@ -369,6 +374,38 @@ def causal_softmax_backward(datt, att):
     return dpreatt
 
 
+def attention_forward(x, Wq, Wk, Wv, dropout_p=0.0, rng=None, train=True):
+    """nanograd.attention.attention_forward with causal_softmax_forward above: (out, AttentionCache)."""
+    B, T, C = x.shape
+    NH, hs, _ = Wq.shape
+    q, k, v = project_heads(x, Wq), project_heads(x, Wk), project_heads(x, Wv)  # (B, NH, T, hs) each
+    preatt = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / hs ** 0.5)  # (B, NH, T, T)
+    att = causal_softmax_forward(preatt)  # (B, NH, T, T) one kernel
+    att_drop, dropout_cache = dropout_forward(att, dropout_p, rng, train)  # (B, NH, T, T)
+    out = merge_heads(att_drop @ v).reshape(B, T, NH * hs)  # (B, T, NH*hs)
+    return out, AttentionCache(x, Wq, Wk, Wv, q, k, v, att, dropout_cache)
+
+
+def attention_backward(dout, cache):
+    """nanograd.attention.attention_backward with causal_softmax_backward above: (dx, dWq, dWk, dWv)."""
+    x, Wq, Wk, Wv, q, k, v, att, dropout_cache = cache
+    B, T, C = x.shape
+    NH, hs, _ = Wq.shape
+    scale = 1.0 / hs ** 0.5
+    dy = dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
+    att_drop = att if dropout_cache.keep is None else att * dropout_cache.keep  # (B, NH, T, T)
+    datt = dropout_backward(dy @ v.transpose(0, 1, 3, 2), dropout_cache)  # (B, NH, T, T)
+    dv = att_drop.transpose(0, 1, 3, 2) @ dy  # (B, NH, T, hs)
+    dpreatt = causal_softmax_backward(datt, att)  # (B, NH, T, T) one kernel
+    dq = (dpreatt @ k) * scale  # (B, NH, T, hs)
+    dk = (dpreatt.transpose(0, 1, 3, 2) @ q) * scale  # (B, NH, T, hs)
+    x_rows = x.reshape(B * T, C)  # (B*T, C)
+    rows = [merge_heads(d) for d in (dq, dk, dv)]  # (B*T, NH*hs) each
+    dWq, dWk, dWv = [(d.T @ x_rows).reshape(NH, hs, C) for d in rows]  # (NH, hs, C) each
+    dx = sum(d @ W.reshape(NH * hs, C) for d, W in zip(rows, (Wq, Wk, Wv)))  # (B*T, C)
+    return dx.reshape(B, T, C), dWq, dWk, dWv
+
+
 # ---- softmax cross-entropy ------------------------------------------------------------
 
 def _cross_entropy_rows(logits, targets, out, normalize):
@@ -395,8 +432,6 @@ def cross_entropy_forward(logits, targets):
     A target outside 0..V-1 raises IndexError, as the plain kernel does (the
     CUDA kernel itself would give a NaN loss rather than read outside the row).
     """
-    from .cross_entropy import CrossEntropyCache
-    from .ids import check_ids
     check_ids(targets, logits.shape[-1], "target ids")
     probs = cupy.empty(logits.shape, dtype=logits.dtype)  # (N, V)
     loss, _, targets = _cross_entropy_rows(logits, targets, probs, normalize=True)
