@@ -88,7 +88,7 @@ def test_a_resumed_step_draws_what_the_uninterrupted_one_drew(xp):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("shape", [(0,), (1,), (7, 5), (THREADS * 8192 + 3,)], ids=["empty", "one", "7x5", "grid-stride"])
-def test_cuda_kernel_equals_numpy_bit_for_bit(cp, dtype, shape):
+def test_cupy_kernel_equals_numpy_bit_for_bit(cp, dtype, shape):
     """The CUDA kernel is the NumPy reference's arithmetic: every bit agrees, past one grid's worth too."""
     gpu, cpu = CounterRNG(cp, 31), CounterRNG(np, 31)
     for _ in range(2):

@@ -67,3 +67,15 @@ def test_the_dry_run_passes_where_only_cupy_is_missing(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert rows == {"kernels": "no CuPy (dry run)", "parity": "no CuPy (dry run)"}
     assert re.search(r"^total \d+ s; all phases passed$", result.stdout, re.M)
+
+
+def test_every_gpu_test_is_in_a_phase():
+    """The kernels phase runs tests/test_cuda_kernels.py and the cupy-tests phase selects `-k cupy`:
+    a test elsewhere that takes the cp fixture must say cupy in its name, or no phase would run it."""
+    text = SCRIPT.read_text()
+    assert "tests/test_cuda_kernels.py" in text and re.search(r"\"\$\{PYTEST\[@\]\}\" tests -k cupy", text)
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        if path.name == "test_cuda_kernels.py":
+            continue
+        for name in re.findall(r"^def (test_\w+)\([^)]*\bcp\b", path.read_text(), re.M):
+            assert "cupy" in name, f"{path.name}::{name} takes cp but -k cupy does not select it"
