@@ -4,6 +4,7 @@
     python train.py --data my.txt --backend cupy     # your text, on an NVIDIA GPU
     python train.py --resume model/model.ckpt        # continue an interrupted run
     python train.py --reference                      # the plain Model and AdamW (slower, same numbers)
+    python train.py --overwrite                      # start again over model/model.ckpt
 
 Reads top to bottom like the book's: settings, data, model, optimizer,
 the loop (evaluate, batch, forward, backward, step), save.  By default the
@@ -12,7 +13,6 @@ FastAdamW); --reference trains with transformer/model.py's Model and
 nanograd/adamw.py's AdamW, the code to read.
 """
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -20,6 +20,9 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C while the imports load: stop quietly (run_command resets it)
 
 # nanograd splits its big kernels over the CPU cores itself; a BLAS that also ran threads
 # would fight it for the same cores (and its idle threads spin).  Set before NumPy loads.
@@ -36,6 +39,7 @@ from transformer import Model
 from transformer.checkpoint import save_checkpoint
 from transformer.data import check_splits, default_corpus, get_batch, read_text, split, tokenize
 from transformer.errors import CheckpointError, OneLineParser, UserError, run_command
+from transformer.outputs import DEFAULT_OUT, Interrupts, RunOutputs
 from transformer.schedule import learning_rate
 from transformer.state import check_resumable, load_params, load_state, restore_optimizer, state_contents
 from transformer.tokenizer import get_tokenizer
@@ -64,6 +68,8 @@ def parse_args(argv):
     parser.add_argument("--dtype", choices=["float32", "float64"], default=None, help="default float32")
     parser.add_argument("--data", default=None, help="UTF-8 text file (default: the built-in corpus)")
     parser.add_argument("--out", default=None, help="checkpoint path (default model/model.ckpt, or --resume's)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run's checkpoint and metrics at --out (refused otherwise)")
     parser.add_argument("--resume", default=None, metavar="CKPT", help="continue the run saved in CKPT")
     parser.add_argument("--save-interval", type=int, default=None,
                         help="save every N steps (default: at every evaluation; 0: only at the end)")
@@ -123,21 +129,6 @@ def check_settings(s):
         raise UserError(f"--min-lr must lie in [0, --learning-rate], got {s['min_lr']}.")
     if not s["grad_clip"] >= 0:
         raise UserError(f"--grad-clip must be 0 (off) or positive, got {s['grad_clip']}.")
-
-
-def check_out(out):
-    """UserError unless a checkpoint can be written at out: found now, not after the training."""
-    if os.path.isdir(out):
-        raise UserError(f"--out {out} is a directory; give a file path such as "
-                        f"{os.path.join(out, 'model.ckpt')}")
-    folder = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(folder):  # the nearest folder that exists; the rest will be created
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise UserError(f"--out {out} cannot be created because {folder} is a file; choose another --out")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out} cannot be written: no write permission in {folder}; "
-                        "choose another --out")
 
 
 def describe_backend(xp):
@@ -237,8 +228,12 @@ def train(args):
         check_resumable(saved_tensors, saved_meta, args.resume)  # before any work
     s = resolve_settings(args, saved_meta.get("run", {}))
     check_settings(s)
-    out = args.out or args.resume or os.path.join("model", "model.ckpt")
-    check_out(out)
+    if args.resume and s["max_iters"] <= saved_meta["step"]:
+        raise UserError(f"checkpoint {args.resume} is at step {saved_meta['step']}, so --max-iters must be "
+                        f"more than {saved_meta['step']} to continue it (got {s['max_iters']})")
+    out = args.out if args.out is not None else args.resume or DEFAULT_OUT
+    outputs = RunOutputs(out, resume=args.resume, overwrite=args.overwrite, inputs=[s["data"], args.resume])
+    outputs.check()  # before any work: never replace what this run did not write
 
     # ---- data: read, tokenize with cl100k_base, split 90/10 ---------------------------------
     text = read_text(s["data"]) if s["data"] else default_corpus()
@@ -279,6 +274,7 @@ def train(args):
 
     def save(step, wait=False):
         finish_saving()  # one at a time: both write to out
+        outputs.check_present(step)  # the folder removed meanwhile: stop, do not recreate it
         writing.append(writer.submit(save_checkpoint, out, *state_contents(model, optimizer, step, run, vocab)))
         if wait:
             finish_saving()
@@ -293,16 +289,13 @@ def train(args):
 
     # ---- logging: the book's lines, a progress bar on a terminal, metrics JSONL, wandb ------
     wandb_run = start_wandb(args.wandb, h_params, s) if args.wandb else None  # may fail: before any file
-    metrics_path = os.path.splitext(out)[0] + ".metrics.jsonl"
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    metrics = open(metrics_path, "a" if args.resume else "w", encoding="utf-8")
-    bar = progress_bar(start, s["max_iters"], enabled=not args.no_progress)
-    say = bar.write if bar is not None else print
-
-    interrupted = []
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    bar = None
+    interrupted = Interrupts().start()  # Ctrl-C, SIGTERM: finish the step, save, stop
     t0 = time.perf_counter()
     try:
+        outputs.claim()  # the lock on out (or one line if another run holds it), then the metrics file
+        bar = progress_bar(start, s["max_iters"], enabled=not args.no_progress)
+        say = bar.write if bar is not None else print
         for step in range(start, s["max_iters"]):
             if step % s["eval_interval"] == 0 or step == s["max_iters"] - 1:
                 losses = estimate_loss(model, train_data, val_data, s, step)
@@ -313,8 +306,7 @@ def train(args):
                 say(line)
                 record = {"step": step, "lr": optimizer.lr, "time_s": round(time.perf_counter() - t0, 3),
                           **{f"{k}_loss": v for k, v in losses.items()}}
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                outputs.log(record)
                 if wandb_run is not None:
                     wandb_run.log({f"{k}_loss": v for k, v in losses.items()}, step=step)
 
@@ -340,16 +332,18 @@ def train(args):
             done = step + 1
             if interrupted:
                 save(done, wait=True)
-                say(f"Interrupted after step {done}; checkpoint saved to {out}. "
-                    f"Resume with: python train.py --resume {out}")
-                return 130
+                if bar is not None:
+                    bar.close()  # first: closing later would redraw it below the message
+                print(f"Interrupted{interrupted.by()} after step {done}; checkpoint saved to {out}. "
+                      f"Resume with: python train.py --resume {out}")
+                return interrupted.exit_code()
             if s["save_interval"] and done % s["save_interval"] == 0 and done < s["max_iters"]:
                 save(done)
         save(s["max_iters"], wait=True)
     finally:
         writer.shutdown(wait=True)  # a save in flight completes, whatever stopped the loop
-        signal.signal(signal.SIGINT, previous_handler)
-        metrics.close()
+        interrupted.stop()
+        outputs.release()
         if bar is not None:
             bar.close()
         if wandb_run is not None:

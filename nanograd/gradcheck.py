@@ -209,7 +209,8 @@ def run(xp=np, seed=0, file=None):
 
 def main(argv=None):
     import argparse
-    parser = argparse.ArgumentParser(prog="python -m nanograd.gradcheck", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m nanograd.gradcheck", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -98,3 +98,12 @@ def test_pickle_module_is_never_used(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("pickle.load called"))
     tensors, meta = load_state(tmp_path / "ours.ckpt")
     assert meta["h_params"]["d_model"] == 16
+
+
+def test_without_torch_the_message_gives_the_pinned_install(tmp_path, monkeypatch, capsys):
+    """Issue 13.8: the README pins torch; installing torch unpinned fetches whatever is newest."""
+    save_state(tmp_path / "ours.ckpt", Model(H))
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # `import torch` raises ImportError
+    assert main([str(tmp_path / "ours.ckpt"), str(tmp_path / "book.ckpt")]) == 2
+    assert capsys.readouterr().err == "error: converting needs PyTorch: pip install torch==2.13.0\n"
+    assert not (tmp_path / "book.ckpt").exists()

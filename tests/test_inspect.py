@@ -1,4 +1,11 @@
 """python -m transformer.inspect: one attention-map PNG per block and head, and the overview grid."""
+import ctypes
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -7,6 +14,7 @@ from transformer import Model
 from transformer.inspect import OVERVIEW, OVERVIEW_DPI, attention_maps, main, overview_figure
 from transformer.state import save_state
 
+REPO = Path(__file__).resolve().parent.parent
 H = dict(d_model=16, num_blocks=2, num_heads=2, context_length=8, dropout=0.1, max_token_value=1000)
 
 
@@ -85,3 +93,42 @@ def test_bad_checkpoint_and_unknown_prompt_tokens_get_one_line(tmp_path, capsys)
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
     assert not (tmp_path / "att").exists()
+
+
+def test_out_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    """--out-dir naming an existing file: one line, exit 2, the file untouched (was a traceback)."""
+    save_state(tmp_path / "m.ckpt", Model(H))
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    assert main(["--ckpt", str(tmp_path / "m.ckpt"), "--prompt", "a b c", "--out-dir", str(tmp_path / "notes.txt")]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: --out-dir .*notes\.txt is a file, not a folder; give a folder \(made if missing\)\n", err)
+    assert (tmp_path / "notes.txt").read_text() == "my notes\n"
+
+
+def drop_dac_override():
+    """In the child: root loses CAP_DAC_OVERRIDE, so a read-only folder stops it as it stops anyone."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_read_only_out_dir_is_one_line(tmp_path):
+    save_state(tmp_path / "m.ckpt", Model(H))
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    folder.chmod(0o555)
+    kwargs = {}
+    if os.geteuid() == 0:
+        try:
+            subprocess.run(["true"], preexec_fn=drop_dac_override, check=True)
+        except (OSError, subprocess.SubprocessError) as e:
+            pytest.skip(f"running as root without CAP_SETPCAP, so a read-only folder cannot be enforced ({e})")
+        kwargs["preexec_fn"] = drop_dac_override
+    result = subprocess.run([sys.executable, "-m", "transformer.inspect", "--ckpt", str(tmp_path / "m.ckpt"),
+                             "--prompt", "a b c", "--out-dir", str(folder)], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, **kwargs)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert re.fullmatch(r"error: --out-dir .*readonly is not writable \(Permission denied\); "
+                        r"choose another --out-dir\n", result.stderr), result.stderr
+    assert list(folder.iterdir()) == []

@@ -5,6 +5,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -149,7 +150,7 @@ def parse_inference(stdout):
 def test_inference_prints_text_and_every_parameter(trained):
     _, ckpt = trained
     stdout = run_script("inference.py", "--ckpt", ckpt, "--prompt", "The man", "--max-new-tokens", 20,
-                        cwd=ckpt.parent)
+                        "--list-params", cwd=ckpt.parent)
     text, count, shapes = parse_inference(stdout)
     assert text.startswith("The man") and len(text) > len("The man")
     tensors, meta = load_state(ckpt)
@@ -381,3 +382,90 @@ def test_a_failed_save_is_one_sentence(corpus, tmp_path, capsys, monkeypatch, at
         assert not out.exists()
     else:  # the save at step 20 is what the failed final one left in place
         assert load_state(out)[1]["step"] == 20
+
+
+# ---- the command line: Ctrl-C while loading, --out without a folder, inference's output ------
+
+INTERRUPT_AT_NUMPY = '''
+"""Sends this process SIGINT when numpy is first imported, as a Ctrl-C in the first second would."""
+import os, signal, sys
+
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, Interrupt())
+'''
+
+
+@pytest.mark.parametrize("script", ["train.py", "inference.py"])
+def test_ctrl_c_while_importing_is_quiet(script, tmp_path):
+    """Issue 16: Ctrl-C during the imports printed a KeyboardInterrupt traceback from numpy's
+    insides; now the script just stops, as a shell expects (killed by SIGINT, nothing printed)."""
+    (tmp_path / "sitecustomize.py").write_text(INTERRUPT_AT_NUMPY)
+    result = subprocess.run([sys.executable, os.path.join(REPO, script)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode in (-2, 130), result.stdout + result.stderr
+    assert result.stderr == "" and result.stdout == ""
+    assert set(os.listdir(tmp_path)) <= {"sitecustomize.py", "__pycache__"}  # no model/ begun
+
+
+def test_out_without_a_folder_then_the_default_run(corpus, tmp_path, capsys, monkeypatch):
+    """Issue 13.3: `--out model` in a fresh folder saves the file model, its metrics beside it; a later
+    plain run, inference.py and inspect then say how to reach it instead of failing obscurely."""
+    import inference
+    from transformer import inspect
+    monkeypatch.chdir(tmp_path)
+    common = ["--data", corpus, *TINY, "--max-iters", 3]
+    run_main([*common, "--out", "model"], capsys)
+    assert sorted(os.listdir(tmp_path)) == ["model", "model.metrics.jsonl"]
+    assert load_state("model")[1]["step"] == 3
+
+    message = (r"^error: the default checkpoint model/model\.ckpt needs a folder model, but model is a file "
+               r"\(a run saved with --out model\?\); pass it by name \(--resume model, --ckpt model\) "
+               r"or give another --out$")
+    for command in (lambda: train.main([str(a) for a in common]), lambda: inference.main([]),
+                    lambda: inspect.main([])):
+        assert command() == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and re.match(message, err[0]), err
+    assert train.main([str(a) for a in [*common, "--resume", "model", "--max-iters", 4]]) == 0
+    assert inference.main(["--ckpt", "model", "--max-new-tokens", "3"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["model", "model.metrics.jsonl"]
+
+
+def test_inference_prints_the_count_and_lists_parameters_only_when_asked(trained):
+    """Issue 13.5: ~140 name/shape lines after the sample scrolled the text off the screen."""
+    _, ckpt = trained
+    stdout = run_script("inference.py", "--ckpt", ckpt, "--prompt", "The man", "--max-new-tokens", 5,
+                        cwd=ckpt.parent)
+    assert re.search(r"^Model parameters: [\d,]+$", stdout, re.M)
+    assert not re.search(r"^  \S+: \(", stdout, re.M), stdout
+    assert stdout.splitlines()[-1].startswith("Model parameters:")
+
+
+def test_ctrl_c_during_generation_prints_the_text_so_far(trained, capsys, monkeypatch):
+    """Issue 16: Ctrl-C during a long inference.py was a traceback and the text was lost; now
+    sampling stops, the text so far is printed, and the exit code is 130."""
+    import inference
+    from transformer import generate
+    _, ckpt = trained
+    calls, real = [], generate.sample
+
+    def sample(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # as the user presses Ctrl-C while token 5 is drawn
+        return real(*args)
+    monkeypatch.setattr(generate, "sample", sample)
+    before = signal.getsignal(signal.SIGINT)
+    code = inference.main(["--ckpt", str(ckpt), "--prompt", "The man", "--max-new-tokens", "1000"])
+    out = capsys.readouterr().out
+    assert code == 130
+    assert signal.getsignal(signal.SIGINT) is before
+    text, _, _ = parse_inference(out)
+    assert text.startswith("The man") and len(calls) == 5
+    assert re.search(r"^Generated 5 tokens in .*; interrupted before the 1000 asked for$", out, re.M), out

@@ -17,14 +17,17 @@ from nanograd.backend import get_array_module, to_host
 
 
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-             repetition_penalty=1.0, rng=None, kv_cache=True):
-    """idx (B, T) ints -> (B, T + max_new_tokens) host int64; rng a NumPy Generator (default seed 0)."""
+             repetition_penalty=1.0, rng=None, kv_cache=True, stop=None):
+    """idx (B, T) ints -> (B, T + max_new_tokens) host int64; rng a NumPy Generator (default seed 0);
+    stop() true before a token (e.g. after Ctrl-C) ends it early, with the tokens so far."""
     rng = np.random.default_rng(0) if rng is None else rng
     idx = np.array(idx, dtype=np.int64).reshape(len(idx), -1)  # (B, T)
     was_training, model.training = model.training, False
     cache = None
     try:
         for _ in range(max_new_tokens):
+            if stop is not None and stop():
+                break
             window = idx[:, -model.context_length:]  # (B, <=T)
             if not kv_cache:  # the book's loop: the whole window through the model
                 logits = model(window)[0][:, -1]  # (B, V)

@@ -16,6 +16,7 @@ import numpy as np
 from nanograd.backend import BackendError, get_backend, to_host
 
 from .errors import OneLineParser, UserError, run_command
+from .outputs import DEFAULT_OUT, check_default_folder, check_not_special
 from .state import build_model, load_state
 from .tokenizer import encode_prompt, get_tokenizer
 
@@ -72,7 +73,6 @@ def overview_figure(maps, labels):
 def draw(maps, labels, out_dir):
     """One PNG per block and head, and OVERVIEW with all of them; returns the per-head paths."""
     plt = pyplot()
-    os.makedirs(out_dir, exist_ok=True)
     paths = []
     T = len(labels)
     for i, heads in enumerate(maps):
@@ -88,19 +88,43 @@ def draw(maps, labels, out_dir):
             fig.colorbar(image, ax=ax, fraction=0.046)
             fig.tight_layout()
             path = os.path.join(out_dir, f"block{i}_head{h}.png")
-            fig.savefig(path, dpi=100)
-            plt.close(fig)
+            save_png(plt, fig, path, dpi=100)
             paths.append(path)
-    fig = overview_figure(maps, labels)
-    fig.savefig(os.path.join(out_dir, OVERVIEW), dpi=OVERVIEW_DPI)
-    plt.close(fig)
+    save_png(plt, overview_figure(maps, labels), os.path.join(out_dir, OVERVIEW), dpi=OVERVIEW_DPI)
     return paths
+
+
+def save_png(plt, fig, path, dpi):
+    """Write fig to path through a temporary file and a rename (a link there is replaced, not followed)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        check_not_special(path, "the image")
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot write {path} ({e.strerror}); choose another --out-dir") from e
+    finally:
+        plt.close(fig)
+
+
+def check_out_dir(out_dir):
+    """UserError unless out_dir is (or can be made) a folder we may write in; makes it."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out-dir {out_dir} is a file, not a folder; give a folder (made if missing)")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder {out_dir} ({e.strerror}); choose another --out-dir") from e
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise UserError(f"--out-dir {out_dir} is not writable (Permission denied); choose another --out-dir")
 
 
 def main(argv=None):
     parser = OneLineParser(prog="python -m transformer.inspect", description=__doc__.split("\n\n")[0],
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # help ends in the default
-    parser.add_argument("--ckpt", default=os.path.join("model", "model.ckpt"),
+    parser.add_argument("--ckpt", default=DEFAULT_OUT,
                         help="checkpoint to read, as train.py writes it")
     parser.add_argument("--prompt", default="Return the number of items in the list.",
                         help="text whose attention is drawn; only its last context_length tokens are used")
@@ -111,6 +135,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         get_backend(args.backend)
+        check_default_folder(args.ckpt)
         tensors, meta = load_state(args.ckpt)
         model = build_model(tensors, meta, backend=args.backend)
         tokenizer = get_tokenizer()
@@ -118,6 +143,7 @@ def main(argv=None):
         ids = ids[-model.context_length:]
         raw = ids if "vocab" not in tensors else tensors["vocab"][ids]
         labels = [repr(tokenizer.decode([int(i)]))[1:-1] for i in raw]
+        check_out_dir(args.out_dir)
         paths = draw(attention_maps(model, np.asarray(ids)), labels, args.out_dir)
     except (UserError, BackendError) as e:
         print(f"error: {e}", file=sys.stderr)

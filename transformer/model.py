@@ -332,7 +332,7 @@ class Model:
 
     # ---- generation -------------------------------------------------------
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 repetition_penalty=1.0, rng=None, kv_cache=True):
+                 repetition_penalty=1.0, rng=None, kv_cache=True, stop=None):
         """Append max_new_tokens sampled ids to idx (B, T); returns host int64 (B, T + new).
 
         The book's ch.20 loop (crop to context_length, last position's
@@ -341,4 +341,4 @@ class Model:
         """
         from .generate import generate
         return generate(self, idx, max_new_tokens, temperature, top_k, top_p,
-                        repetition_penalty, rng, kv_cache)
+                        repetition_penalty, rng, kv_cache, stop)
