@@ -44,12 +44,12 @@ def run_script(tmp_path, phases, require):
     return result, {name: status.strip() for name, status in rows if name in PHASES}
 
 
-needs_no_cupy = pytest.mark.skipif(cupy_unavailable_reason() is None,
+needs_no_gpu = pytest.mark.skipif(cupy_unavailable_reason() is None,
                                    reason="CuPy runs on this machine: the GPU check itself is the test")
 
 
-@needs_no_cupy
-def test_without_cupy_the_check_fails_loudly(tmp_path):
+@needs_no_gpu
+def test_without_a_gpu_the_check_fails_loudly(tmp_path):
     """The old script ended with rm and so exited 0 whatever happened; a skipped GPU test read 'ok'."""
     result, rows = run_script(tmp_path, "env launch kernels parity", require="1")
     assert result.returncode == 1, result.stdout + result.stderr
@@ -61,8 +61,8 @@ def test_without_cupy_the_check_fails_loudly(tmp_path):
     assert (tmp_path / "results.md").exists()
 
 
-@needs_no_cupy
-def test_the_dry_run_passes_where_only_cupy_is_missing(tmp_path):
+@needs_no_gpu
+def test_the_dry_run_passes_where_only_the_gpu_is_missing(tmp_path):
     result, rows = run_script(tmp_path, "kernels parity", require="0")
     assert result.returncode == 0, result.stdout + result.stderr
     assert rows == {"kernels": "no CuPy (dry run)", "parity": "no CuPy (dry run)"}
