@@ -2,6 +2,7 @@
 from typing import NamedTuple
 
 from .backend import get_array_module
+from .ids import check_ids
 
 
 class CrossEntropyCache(NamedTuple):
@@ -13,8 +14,10 @@ def cross_entropy_forward(logits, targets):
     """loss = mean_n(logsumexp(logits[n]) - logits[n, targets[n]]).
 
     logits (N, V), targets (N,) ints -> loss, a 0-d array.  Cache: probs, targets.
-    The row max is subtracted before exp, so no exp overflows.
+    The row max is subtracted before exp, so no exp overflows.  A target
+    outside 0..V-1 raises IndexError (CuPy's indexing would wrap it).
     """
+    check_ids(targets, logits.shape[-1], "target ids")
     xp = get_array_module(logits)
     N = logits.shape[0]
     rows = xp.arange(N)  # (N,)

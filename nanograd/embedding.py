@@ -2,6 +2,7 @@
 from typing import NamedTuple
 
 from .backend import get_array_module, scatter_add
+from .ids import check_ids
 
 
 class EmbeddingCache(NamedTuple):
@@ -10,7 +11,11 @@ class EmbeddingCache(NamedTuple):
 
 
 def embedding_forward(idx, W):
-    """out[b, t] = W[idx[b, t]].  idx (B, T) ints, W (V, C).  Cache: idx, W's shape."""
+    """out[b, t] = W[idx[b, t]].  idx (B, T) ints, W (V, C).  Cache: idx, W's shape.
+
+    An id outside 0..V-1 raises IndexError (CuPy's indexing would wrap it).
+    """
+    check_ids(idx, W.shape[0], "token ids")
     out = W[idx]  # (B, T, C)
     return out, EmbeddingCache(idx, W.shape)
 

@@ -61,11 +61,13 @@ def test_start_then_step_equals_step(xp, started):
             np.testing.assert_array_equal(to_host(a[name]), to_host(b[name]), err_msg=name)
 
 
-def test_moments_never_decay_into_denormals(xp):
+def test_moments_never_decay_into_denormals():
     """Gradients that stop (an embedding row whose token stops appearing) leave moments that
     shrink by beta each step; below float32's smallest normal (1.2e-38) every operation on
-    them is ~100x slower on x86.  AdamW zeroes moments under TINY first, every
-    flush_interval() steps, and the weights stay as torch's to float32 rounding."""
+    them is ~100x slower on x86.  On NumPy AdamW zeroes moments under TINY first, every
+    flush_interval() steps, and the weights stay as torch's to float32 rounding.  (A GPU
+    needs no flush: test_cupy_step_is_one_launch_without_a_flush.)"""
+    xp = np
     rng = np.random.default_rng(0)
     p0 = rng.standard_normal(64).astype(np.float32)
     g = rng.standard_normal(64).astype(np.float32) * 1e-3
@@ -115,3 +117,46 @@ def test_element_groups_cover_every_element_once(sizes, part):
     if sum(sizes) > part:
         assert len(groups) >= sum(sizes) // part  # big work is spread over several tasks
 
+
+
+def test_cupy_step_is_one_launch_without_a_flush(cp, monkeypatch):
+    """On CuPy, FastAdamW keeps m and v in one flat buffer each and updates every parameter
+    (views of a shared storage among them, like the model's per-head weights) with one
+    adamw_multi launch a step, flushing nothing: bit-identical to the plain AdamW on CuPy,
+    across a flush step, with tiny moments left to decay as torch's do; the norm is the
+    gradients' global norm."""
+    from nanograd.adamw import AdamW as PlainAdamW
+    from nanograd.clip import grad_norm
+    from nanograd.fast import cuda_kernels
+    rng = np.random.default_rng(12)
+    storage = rng.standard_normal((3, 2, 4, 6)).astype(np.float32)  # (3, NH, hs, C)
+    start = {**{f"w{j}.{h}": storage[j, h] for j in range(3) for h in range(2)},
+             "wte": rng.standard_normal((50, 6)).astype(np.float32), "b": rng.standard_normal(6).astype(np.float32),
+             "big": rng.standard_normal(cuda_kernels.ADAMW_CHUNK + 7).astype(np.float32)}
+
+    def params():  # the views share one device storage, as Model's Wq/Wk/Wv do
+        qkv = cp.asarray(storage)
+        return {n: qkv[int(n[1]), int(n[3])] if n.startswith("w") else cp.asarray(a) for n, a in start.items()}
+    plain, fast = PlainAdamW(params()), AdamW(params())
+    assert fast.tables is not None and fast.flat_m.size == sum(a.size for a in start.values())
+    for opt in (plain, fast):
+        opt.m["b"][...] = cp.asarray([1e-31, -1e-31, 1e-29, 0, 0, 0], dtype=cp.float32)  # below and above TINY
+    launches = []
+    kernel = cuda_kernels._adamw_kernel(np.float32)
+    monkeypatch.setattr(cuda_kernels, "_adamw_kernel", lambda d: lambda *a: (launches.append(a), kernel(*a)))
+    steps = fast.flush_interval() + 2
+    for step in range(steps):
+        grads = {n: cp.asarray(rng.standard_normal(a.shape).astype(np.float32) * (step < 3)) for n, a in start.items()}
+        want_norm = grad_norm(grads)
+        fast.start({"wte": grads["wte"]})  # a no-op on CuPy
+        norm = fast.step(grads)
+        assert abs(norm - want_norm) <= 1e-5 * want_norm
+        plain.step(grads)
+    assert len(launches) == steps  # one launch a step, for all 10 parameters
+    assert float(cp.abs(fast.m["b"][0])) > 0  # not flushed: decays like torch's
+    for name in start:
+        for a, b in ((fast.params, plain.params), (fast.m, plain.m), (fast.v, plain.v)):
+            np.testing.assert_array_equal(to_host(a[name]), to_host(b[name]), err_msg=name)
+    resumed = AdamW(params())  # the moments load into the flat buffers' views
+    resumed.load_state_dict(fast.state_dict())
+    assert resumed.m["big"].base is not None and float(cp.abs(resumed.flat_m).sum()) == float(cp.abs(fast.flat_m).sum())

@@ -97,4 +97,8 @@ def test_embedding_backward_into_equals_embedding_backward(xp, dtype):
     buffer = xp.full((5, 2), 123.0, dtype=dtype)  # (V, C) stale contents
     dW = embedding_backward_into(buffer, dout, cache)
     assert dW is buffer
-    np.testing.assert_array_equal(to_host(dW), to_host(embedding_backward(dout, cache)))
+    if xp is np:
+        np.testing.assert_array_equal(to_host(dW), to_host(embedding_backward(dout, cache)))
+    else:  # cupyx.scatter_add's atomics add a repeated id's rows in no fixed order: equal to rounding
+        tol = {"float64": 1e-12, "float32": 1e-5}[dtype] * float(np.abs(to_host(dout)).sum())
+        np.testing.assert_allclose(to_host(dW), to_host(embedding_backward(dout, cache)), rtol=0, atol=tol)

@@ -12,7 +12,8 @@ names the plain function it replaces and has a test proving the two equal
     adamw.py    FastAdamW                    nanograd.adamw.AdamW (adamw_update loop)  test_fast_adamw.py
     model.py    FastModel                    transformer.model.Model                   test_fast_model.py
     cuda_kernels.py  (CuPy only)             layernorm, causal softmax, cross-entropy  test_cuda_kernels.py
-                                             and adamw_update, one CUDA kernel each
+                                             one CUDA kernel each; adamw_update for
+                                             every parameter in one launch (AdamWTables)
     mpi.py      (mpiexec only)               (one process)                             test_distributed.py
 
 train.py installs them in one place (make_model_and_optimizer);

@@ -11,7 +11,10 @@ operation after another over whole arrays) with:
   FastModel.backward walks back through the blocks (FastModel.head_ready);
 - the gradients' norm summed while the update reads them, not in a pass of its own;
 - a flush of tiny moments every ~170 steps (a CPU denormal fix, see FastAdamW);
-- on CuPy, one fused CUDA kernel per parameter (cuda_kernels.adamw_update).
+- on CuPy, the moments in one flat buffer each and every parameter updated by
+  one CUDA launch (cuda_kernels.AdamWTables), which also sums the squares for the
+  norm: a step is a 4 KB copy of gradient addresses, that launch, one sum and one
+  read of it, where AdamW makes ~400 launches and reads 137 device scalars.
 
 Bit-identical to AdamW on NumPy: tests/test_fast_adamw.py.
 """
@@ -89,9 +92,10 @@ def _update_group(group, settings):
 
 
 class FastAdamW(AdamW):
-    """AdamW (same constructor, state and numbers), updated block by block on every CPU thread.
+    """AdamW (same constructor, state and numbers), updated block by block on every CPU thread,
+    or on CuPy by one CUDA launch for every parameter.
 
-    One departure from torch: every flush_interval() steps, moments smaller
+    On NumPy, one departure from torch: every flush_interval() steps, moments smaller
     than TINY (1e-30) are set to 0.  A moment whose gradient stays 0, as an
     embedding row whose token stops appearing, shrinks by beta each step and
     after ~800 steps (beta1 0.9, from 1e-4) falls below 1.2e-38, into float32's
@@ -106,6 +110,22 @@ class FastAdamW(AdamW):
         super().__init__(params, *args, **kwargs)
         self.started = set()  # names whose update in this step start() has begun
         self.squares = []  # this step's sums of squared gradient elements so far, or futures of them
+        self.tables = None  # CuPy: the launch tables of cuda_kernels.AdamWTables
+        arrays = list(params.values())
+        if arrays and not isinstance(arrays[0], np.ndarray):
+            self._flatten_moments(arrays)
+
+    def _flatten_moments(self, arrays):
+        """CuPy: m and v become views into one flat buffer each, and one AdamWTables covers
+        every parameter.  (state_dict and load_state_dict go through the views as before.)"""
+        xp, dtype = get_array_module(arrays[0]), arrays[0].dtype
+        offsets = np.cumsum([0] + [p.size for p in arrays])
+        self.flat_m = xp.zeros(int(offsets[-1]), dtype=dtype)  # (total,)
+        self.flat_v = xp.zeros(int(offsets[-1]), dtype=dtype)  # (total,)
+        names = list(self.params)
+        self.m = {n: self.flat_m[o:o + p.size].reshape(p.shape) for n, p, o in zip(names, arrays, offsets)}
+        self.v = {n: self.flat_v[o:o + p.size].reshape(p.shape) for n, p, o in zip(names, arrays, offsets)}
+        self.tables = cuda_kernels.AdamWTables(arrays, [self.m[n] for n in names], [self.v[n] for n in names])
 
     def step(self, grads):
         """One update of every parameter from grads (same names).  Returns the
@@ -118,7 +138,17 @@ class FastAdamW(AdamW):
         small parameters grouped together, and the CPU threads update the
         parts at once (elementwise, so any cut gives the same numbers).
         Parameters whose update start() began are only waited for.
+
+        On CuPy every parameter is updated by one launch, and no moment is
+        flushed: a GPU handles denormal numbers at full speed, so the flush
+        would only cost a pass over the moments.
         """
+        if self.tables is not None:
+            self.t += 1
+            self.started = set()
+            squares = self.tables.step([grads[name] for name in self.params], self.lr, *self.betas, self.eps,
+                                       self.weight_decay, self.t)  # (blocks,) on the device
+            return math.sqrt(float(squares.sum()))
         self._launch({name: grads[name] for name in self.params if name not in self.started}, split=True)
         squares = [s.result() if isinstance(s, Future) else s for s in self.squares]  # waits for the threads
         self.started, self.squares = set(), []
@@ -136,8 +166,10 @@ class FastAdamW(AdamW):
 
         train.py starts the output layer's update (half of the parameters) while the model
         walks back through the blocks, whose small operations keep only one core busy.
+        On CuPy it does nothing: step() updates every parameter in one launch.
         """
-        self._launch(grads, split=False)
+        if self.tables is None:
+            self._launch(grads, split=False)
 
     def _launch(self, grads, split):
         """Queue the updates of grads' parameters: as one thread task, or split over every CPU thread."""
@@ -148,11 +180,7 @@ class FastAdamW(AdamW):
         flat = []  # (p, g, m, v) of each NumPy parameter, as 1-D views: p, m, v are contiguous
         for name, g in grads.items():
             arrays = (self.params[name], g, self.m[name], self.v[name])
-            if isinstance(arrays[0], np.ndarray):
-                flat.append([a.reshape(-1) for a in arrays])
-            else:  # CuPy: one fused CUDA kernel per parameter, queued on the GPU
-                self.squares.append(get_array_module(g).dot(g.reshape(-1), g.reshape(-1)))
-                cuda_kernels.adamw_update(*arrays, *settings)
+            flat.append([a.reshape(-1) for a in arrays])
         groups = element_groups([p.size for p, _, _, _ in flat], PART)
         tasks = [[[a[start:stop] for a in flat[i]] for i, start, stop in group] for group in groups]
         if tasks and not split:
