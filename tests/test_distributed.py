@@ -393,3 +393,16 @@ def test_a_run_that_blows_up_stops_every_rank_at_the_same_step(corpus, tmp_path)
     lines = result.stderr.splitlines()
     assert result.returncode == 3 and len(lines) == 1, result.stderr  # both ranks saw it; rank 0 says so
     assert lines[0].startswith("error: at step ") and "is not finite; stopping (nothing was saved)" in lines[0]
+
+
+@needs_mpi
+def test_cupy_ranks_over_nccl_train_as_one_process(cp, corpus, tmp_path):
+    """The GPU path: one GPU per rank, gradients over NCCL.  Two ranks where there are two GPUs,
+    else one (NCCL still forms its communicator and reduces).  To rounding: CuPy's scatter-add
+    adds in whatever order its atomics land."""
+    ranks = 2 if cp.cuda.runtime.getDeviceCount() >= 2 else 1
+    _, one = train_run(corpus, tmp_path, "one", "--max-iters", 4, "--backend", "cupy", accum=2)
+    stdout, many = train_run(corpus, tmp_path, "many", "--max-iters", 4, "--backend", "cupy",
+                             ranks=ranks, accum=2 // ranks)
+    assert f"Data parallel: {ranks} rank" in stdout and "Backend: cupy" in stdout
+    assert_same_checkpoint(many, one, exact=False)
