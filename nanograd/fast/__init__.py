@@ -14,7 +14,8 @@ names the plain function it replaces and has a test proving the two equal
     cuda_kernels.py  (CuPy only)             layernorm, causal softmax, cross-entropy  test_cuda_kernels.py
                                              one CUDA kernel each; adamw_update for
                                              every parameter in one launch (AdamWTables)
-    mpi.py      (mpiexec only)               (one process)                             test_distributed.py
+    mpi.py      (mpiexec only)               one process with --grad-accum-steps N*k   test_distributed.py
+    nccl.py     (CuPy under mpiexec)         mpi.py's collectives, on GPUs             test_fast_nccl.py
 
 train.py installs them in one place (make_model_and_optimizer);
 `python train.py --reference` trains with the plain Model and AdamW instead.
