@@ -55,15 +55,14 @@ def batches(cfg, vocab, n, seed=0):
 
 
 def make_numpy(cfg, vocab):
-    from nanograd import AdamW
-    from transformer import Model
-    model = Model({**cfg, "max_token_value": vocab}, dtype="float32", seed=0)
-    model.return_logits = False  # as train.py does
-    opt = AdamW(model.params, lr=1e-3)
+    from nanograd.fast import FastAdamW, FastModel
+    model = FastModel({**cfg, "max_token_value": vocab}, dtype="float32", seed=0)  # as train.py trains
+    opt = FastAdamW(model.params, lr=1e-3)
+    model.head_ready = opt.start  # as train.py: AdamW begins on the output layer mid-backward
 
     def step(x, y):
         loss = model(x, y)[1]
-        opt.step(model.backward(head_ready=opt.start))  # as train.py: AdamW begins on the output layer early
+        opt.step(model.backward())
         return loss
     return model, step
 
@@ -146,7 +145,7 @@ def measure_rates(cfg, vocab):
     BLAS runs single-threaded here, as in train.py, so each thread takes a
     share of the vocabulary (of the bytes), as nanograd's kernels do.
     """
-    from nanograd.backend import cpu_threads, parallel, split_range
+    from nanograd.fast.threads import cpu_threads, parallel, split_range
     rng = np.random.default_rng(0)
     N, threads = cfg["batch_size"] * cfg["context_length"], cpu_threads()
     x = rng.standard_normal((N, cfg["d_model"]), dtype=np.float32)
@@ -173,7 +172,7 @@ def machine():
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    from nanograd.backend import cpu_threads
+    from nanograd.fast.threads import cpu_threads
     return (f"{cpu}, {cpu_threads()} cores; Python {platform.python_version()}, numpy {np.__version__}, "
             f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
 

@@ -12,14 +12,17 @@ ends with the loss as a Python float, which waits for the GPU; the device is
 also synchronized before and after every timed step.  TF32 is off in both
 (CUPY_TF32=0; torch's allow_tf32 flags False): true float32 matrix products.
 
-    cupy-fused   our model with the fused CUDA kernels (nanograd/cuda_kernels.py), the default
-    cupy-plain   the same model, the plain xp kernels only (what NANOGRAD_FUSED=0 runs)
+    cupy-fused   FastModel and FastAdamW: the CUDA kernels (nanograd/fast/cuda_kernels.py), what train.py runs
+    cupy-plain   Model and AdamW: the plain xp kernels only (what train.py --reference runs)
     torch        the book's model (transformer/book_torch.py), eager
 
 Prints a markdown table: median ms/step with the 10th-90th percentile,
 tokens/s, torch's median over each, and the floor, matmul FLOPs over the
 measured sgemm rate plus the bytes a step must move over the measured copy
-bandwidth.
+bandwidth.  Before timing, each config checks that both models give the same
+eval loss on the same batch (to LOSS_RTOL).  Exit status: 0 when every config
+ran and passed that check, 1 when one crashed or failed it, 2 when CuPy or
+torch's CUDA cannot run.
 """
 import argparse
 import os
@@ -38,6 +41,11 @@ CONFIGS = {
     "large": dict(d_model=512, num_blocks=12, num_heads=8, context_length=256, batch_size=16, dropout=0.1),
 }
 IMPLS = ("cupy-fused", "cupy-plain", "torch")
+# Both models compute the same float32 loss from the same weights and batch, each
+# through ~40 matrix products summed in its own order: they agree to ~1e-6 of
+# the loss, and a wrong kernel is off by far more than LOSS_RTOL (as gpu_parity.py's
+# float32 tolerance).
+LOSS_RTOL = 1e-4
 
 
 def label(name, cfg, vocab):
@@ -68,16 +76,26 @@ def measure_rates(cp, cfg, vocab, sync):
     return rate, bandwidth
 
 
+def loss_check(name, ours, theirs):
+    """(whether our loss is within LOSS_RTOL of torch's, the line that says so); a NaN fails."""
+    rel = abs(ours - theirs) / abs(theirs)
+    ok = bool(rel <= LOSS_RTOL)  # False for a NaN
+    return ok, (f"loss check: {name}: {'PASS' if ok else 'FAIL'}, eval loss on batch 0, ours {ours:.6f}, "
+                f"torch {theirs:.6f} (rel diff {rel:.1e}, tolerance {LOSS_RTOL:.0e})")
+
+
 def bench_config(cp, torch, name, cfg, vocab, steps, warmup, sync):
-    """{impl: list of step times in ms}, and a line checking that both models compute the same loss."""
-    from nanograd import AdamW, backend
+    """{impl: list of step times in ms}, and whether both of our models compute torch's loss (with the lines saying so)."""
+    from nanograd import AdamW
     from nanograd.backend import to_host
+    from nanograd.fast import FastAdamW, FastModel
     from transformer import Model, book_torch
 
     h = {**{k: v for k, v in cfg.items() if k != "batch_size"}, "max_token_value": vocab}
     model = Model(h, backend="cupy", dtype="float32", seed=0)
-    model.return_logits = False  # as train.py does
+    fast = FastModel(h, backend="cupy", dtype="float32", seed=0)  # the same weights
     opt = AdamW(model.params, lr=1e-3)
+    fast_opt = FastAdamW(fast.params, lr=1e-3)
     tmodel = book_torch.Model(h).cuda()
     book_torch.load_numpy_params(tmodel, {k: to_host(v) for k, v in model.params.items()})
     topt = torch.optim.AdamW(tmodel.parameters(), lr=1e-3)
@@ -88,50 +106,85 @@ def bench_config(cp, torch, name, cfg, vocab, steps, warmup, sync):
     ours = [(cp.asarray(x), cp.asarray(y)) for x, y in host]
     theirs = [(torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda()) for x, y in host]
 
-    # the same function of the same weights: eval-mode losses on the first batch
-    model.eval()
+    # the same function of the same weights: eval-mode losses on the first batch, both of ours against torch's
     tmodel.eval()
     with torch.no_grad():
         loss_t = tmodel(*theirs[0])[1].item()
-    loss_o = model(*ours[0])[1]
-    model.train()
     tmodel.train()
-    check = (f"{name}: eval loss on batch 0, ours {loss_o:.6f}, torch {loss_t:.6f} "
-             f"(rel diff {abs(loss_o - loss_t) / loss_t:.1e})")
+    checks = []
+    for label_, m in (("cupy-fused", fast), ("cupy-plain", model)):
+        loss_o = m.eval()(*ours[0])[1]
+        m.train()
+        checks.append(loss_check(f"{name} {label_}", loss_o, loss_t))
+    ok, check = all(c[0] for c in checks), "\n".join(c[1] for c in checks)
 
-    def ours_step(fused):
+    def ours_step(m, o):
         def step(i):
-            backend.use_fused_kernels = fused
             x, y = ours[i % len(ours)]
-            model(x, y)
-            opt.step(model.backward())
+            m(x, y)
+            o.step(m.backward())
         return step
 
     def torch_step(i):
         x, y = theirs[i % len(theirs)]
         book_torch.book_train_step(tmodel, topt, x, y)
 
-    run = {"cupy-fused": ours_step(True), "cupy-plain": ours_step(False), "torch": torch_step}
+    run = {"cupy-fused": ours_step(fast, fast_opt), "cupy-plain": ours_step(model, opt), "torch": torch_step}
     times = {impl: [] for impl in IMPLS}
-    try:
-        for i in range(warmup + steps):
-            order = IMPLS[i % len(IMPLS):] + IMPLS[:i % len(IMPLS)]
-            for impl in order:
-                sync()
-                t0 = time.perf_counter()
-                run[impl](i)
-                sync()
-                if i >= warmup:
-                    times[impl].append(1000 * (time.perf_counter() - t0))
-    finally:
-        backend.use_fused_kernels = True
+    for i in range(warmup + steps):
+        order = IMPLS[i % len(IMPLS):] + IMPLS[:i % len(IMPLS)]
+        for impl in order:
+            sync()
+            t0 = time.perf_counter()
+            run[impl](i)
+            sync()
+            if i >= warmup:
+                times[impl].append(1000 * (time.perf_counter() - t0))
     memory = {"cupy": cp.get_default_memory_pool().total_bytes() / 2**20,
               "torch": torch.cuda.max_memory_allocated() / 2**20}
-    del model, opt, tmodel, topt
+    del model, opt, fast, fast_opt, tmodel, topt
     cp.get_default_memory_pool().free_all_blocks()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    return times, check, memory
+    return times, (ok, check), memory  # ({impl: ms list}, loss_check(...), {"cupy"/"torch": MB})
+
+
+def run_configs(cp, torch, names, args, lines, sync):
+    """Benchmark each named config, printing rows and appending them to lines.  Returns
+    (the loss-check lines, the failures: a config that crashed or whose losses disagree)."""
+    from transformer.model import parameter_shapes
+    checks, failures = [], []
+    for name in names:
+        cfg = CONFIGS[name]
+        tokens = cfg["batch_size"] * cfg["context_length"]
+        big = tokens > 1024
+        steps, warmup = (max(10, args.steps // 4), max(3, args.warmup // 3)) if big else (args.steps, args.warmup)
+        try:
+            times, (ok, check), memory = bench_config(cp, torch, name, cfg, args.vocab, steps, warmup, sync)
+            rate, bandwidth = measure_rates(cp, cfg, args.vocab, sync)
+        except Exception as e:  # e.g. out of memory: report it, go on to the next config, exit 1 at the end
+            row = f"| {label(name, cfg, args.vocab)} | failed | {type(e).__name__}: {e} | | | | | |"
+            lines.append(row)
+            print(row, flush=True)
+            failures.append(f"{name} crashed ({type(e).__name__}: {e})")
+            continue
+        checks.append(check)
+        if not ok:
+            failures.append(f"{name}'s losses disagree")
+        n_params = sum(int(np.prod(s)) for s in parameter_shapes({**cfg, "max_token_value": args.vocab}).values())
+        floor_ms = 1000 * (matmul_flops(cfg, args.vocab) / rate + step_bytes(cfg, args.vocab, n_params) / bandwidth)
+        torch_ms = float(np.median(times["torch"]))
+        for impl in IMPLS:
+            p10, p50, p90 = np.percentile(times[impl], [10, 50, 90])
+            mem = memory["torch" if impl == "torch" else "cupy"]
+            row = (f"| {label(name, cfg, args.vocab)} | {impl} | {p50:.2f} ({p10:.2f}-{p90:.2f}) "
+                   f"| {1000 * tokens / p50:,.0f} | {torch_ms / p50:.2f} | {floor_ms:.2f} | {floor_ms / p50:.0%} "
+                   f"| {mem:,.0f} |")
+            lines.append(row)
+            print(row, flush=True)
+        print(f"  ({len(times['torch'])} timed steps each after {warmup} warm-up; sgemm {rate / 1e12:.1f} TFLOP/s, "
+              f"copy {bandwidth / 1e9:,.0f} GB/s)", flush=True)
+    return checks, failures
 
 
 def main(argv=None):
@@ -142,6 +195,10 @@ def main(argv=None):
     parser.add_argument("--vocab", type=int, default=VOCAB)
     parser.add_argument("--out", help="also write the markdown table here")
     args = parser.parse_args(argv)
+    unknown = [name for name in args.configs.split(",") if name not in CONFIGS]
+    if unknown:
+        print(f"error: unknown config {unknown[0]!r}; choose from {', '.join(CONFIGS)}.", file=sys.stderr)
+        return 2
 
     from nanograd.backend import BackendError, get_backend
     try:
@@ -156,7 +213,6 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
-    from transformer.model import parameter_shapes
 
     def sync():
         cp.cuda.runtime.deviceSynchronize()  # the whole device: CuPy's and torch's streams alike
@@ -173,34 +229,7 @@ def main(argv=None):
              "| floor ms | floor reached | GPU memory MB |",
              "|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
-    checks = []
-    for name in args.configs.split(","):
-        cfg = CONFIGS[name]
-        tokens = cfg["batch_size"] * cfg["context_length"]
-        big = tokens > 1024
-        steps, warmup = (max(10, args.steps // 4), max(3, args.warmup // 3)) if big else (args.steps, args.warmup)
-        try:
-            times, check, memory = bench_config(cp, torch, name, cfg, args.vocab, steps, warmup, sync)
-            rate, bandwidth = measure_rates(cp, cfg, args.vocab, sync)
-        except Exception as e:  # e.g. out of memory: report it and go on to the next config
-            row = f"| {label(name, cfg, args.vocab)} | failed | {type(e).__name__}: {e} | | | | | |"
-            lines.append(row)
-            print(row, flush=True)
-            continue
-        checks.append(check)
-        n_params = sum(int(np.prod(s)) for s in parameter_shapes({**cfg, "max_token_value": args.vocab}).values())
-        floor_ms = 1000 * (matmul_flops(cfg, args.vocab) / rate + step_bytes(cfg, args.vocab, n_params) / bandwidth)
-        torch_ms = float(np.median(times["torch"]))
-        for impl in IMPLS:
-            p10, p50, p90 = np.percentile(times[impl], [10, 50, 90])
-            mem = memory["torch" if impl == "torch" else "cupy"]
-            row = (f"| {label(name, cfg, args.vocab)} | {impl} | {p50:.2f} ({p10:.2f}-{p90:.2f}) "
-                   f"| {1000 * tokens / p50:,.0f} | {torch_ms / p50:.2f} | {floor_ms:.2f} | {floor_ms / p50:.0%} "
-                   f"| {mem:,.0f} |")
-            lines.append(row)
-            print(row, flush=True)
-        print(f"  ({len(times['torch'])} timed steps each after {warmup} warm-up; sgemm {rate / 1e12:.1f} TFLOP/s, "
-              f"copy {bandwidth / 1e9:,.0f} GB/s)", flush=True)
+    checks, failures = run_configs(cp, torch, args.configs.split(","), args, lines, sync)
     lines += ["", "torch / this = torch's median over this row's median: above 1, this row is faster than torch. "
               "Floor = matmul FLOPs / measured sgemm rate on the output layer's shape + unavoidable bytes / "
               "measured copy bandwidth. GPU memory: CuPy's pool (shared by both cupy rows) and torch's peak "
@@ -209,7 +238,8 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
-    return 0
+    print(f"bench: {'FAIL: ' + '; '.join(failures) if failures else 'PASS'}", flush=True)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 
 Both models start from the same host-drawn weights (Model's init_params) and
 see the same batch; dropout is off, since the two backends draw different
-masks.  For float32 and float64, with the fused CUDA kernels on and off, it
+masks.  For float32 and float64, on CuPy both FastModel with FastAdamW (the
+CUDA kernels, "fused") and Model with AdamW (the plain xp code, "plain"), it
 prints each tensor's error relative to its scale, max|cupy - numpy| / max|numpy|,
 against the tolerance below, then runs two AdamW steps on each and compares
 the losses (and, in float64, the parameters).  Exit status 0 when every
@@ -20,8 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from nanograd import AdamW, backend  # noqa: E402
+from nanograd import AdamW  # noqa: E402
 from nanograd.backend import BackendError, get_backend, to_host  # noqa: E402
+from nanograd.fast import FastAdamW, FastModel  # noqa: E402
 from transformer import Model  # noqa: E402
 
 # Scale-relative tolerances.  float32 rounds to 6e-8; a logit or gradient of the
@@ -50,18 +52,21 @@ def rel_err(a, b):
     return float(np.abs(a - b).max(initial=0.0) / max(np.abs(b).max(initial=0.0), 1e-30))
 
 
-def forward_backward(h, backend_name, dtype, x, y):
-    """A fresh model (seed 0) and its logits, loss and gradients, copied to the host
-    (the model reuses some gradient buffers from one backward to the next)."""
-    model = Model(h, backend=backend_name, dtype=dtype, seed=0)
-    logits, loss = model(x, y)
+def forward_backward(h, backend_name, dtype, x, y, fast=False):
+    """A fresh model (seed 0; FastModel if fast) and its logits, loss and gradients, copied to
+    the host (the model reuses some gradient buffers from one backward to the next).
+    FastModel's forward with targets makes no logits, so they come from a forward without."""
+    model = (FastModel if fast else Model)(h, backend=backend_name, dtype=dtype, seed=0)
+    logits = model(x)[0]  # (B, T, V)
+    loss = model(x, y)[1]
     grads = {name: np.array(to_host(g)) for name, g in model.backward().items()}
     return model, np.array(to_host(logits)), loss, grads
 
 
-def adamw_losses(model, x, y):
-    """Loss before each of ADAMW_STEPS AdamW steps and after the last; the model is trained in place."""
-    opt = AdamW(model.params, lr=1e-3)
+def adamw_losses(model, x, y, fast=False):
+    """Loss before each of ADAMW_STEPS AdamW (FastAdamW if fast) steps and after the last;
+    the model is trained in place."""
+    opt = (FastAdamW if fast else AdamW)(model.params, lr=1e-3)
     losses = []
     for _ in range(ADAMW_STEPS):
         losses.append(model(x, y)[1])
@@ -99,24 +104,22 @@ def main(argv=None):
         ref_start = {n: p.copy() for n, p in ref_model.params.items()}
         ref_losses = adamw_losses(ref_model, x, y)
         print(f"  numpy {dtype}: loss {ref_loss:.6f} ({time.perf_counter() - t0:.1f} s)", flush=True)
-        for kernels, on in (("fused", True), ("plain", False)):
-            backend.use_fused_kernels = on
+        for kernels, fast in (("fused", True), ("plain", False)):
             t0 = time.perf_counter()
-            model, logits, loss, grads = forward_backward(h, "cupy", dtype, x, y)
+            model, logits, loss, grads = forward_backward(h, "cupy", dtype, x, y, fast)
             same_start = all(np.array_equal(to_host(model.params[n]), p) for n, p in ref_start.items())
             check(rows, dtype, kernels, "initial weights (bitwise)", 0.0 if same_start else float("inf"), 0.0)
             check(rows, dtype, kernels, "logits", rel_err(logits, ref_logits), TOL[dtype])
             check(rows, dtype, kernels, "loss", rel_err(loss, ref_loss), TOL[dtype])
             for name in ref_grads:
                 check(rows, dtype, kernels, f"d {name}", rel_err(grads[name], ref_grads[name]), TOL[dtype])
-            losses = adamw_losses(model, x, y)
+            losses = adamw_losses(model, x, y, fast)
             check(rows, dtype, kernels, f"losses over {ADAMW_STEPS} AdamW steps",
                   rel_err(np.array(losses), np.array(ref_losses)), TOL[dtype])
             if dtype == "float64":  # (float32 gradients that are pure rounding noise can flip a step's sign)
                 check(rows, dtype, kernels, f"params after {ADAMW_STEPS} AdamW steps",
                       max(rel_err(model.params[n], ref_model.params[n]) for n in ref_model.params), TOL[dtype])
             print(f"  cupy  {dtype} {kernels}: loss {loss:.6f} ({time.perf_counter() - t0:.1f} s)", flush=True)
-    backend.use_fused_kernels = True
 
     print()
     print("| dtype | kernels | worst tensor | max rel err | tol | result |")

@@ -4,6 +4,11 @@ Every kernel is two pure functions side by side: ``<op>_forward(inputs...)``
 returns ``(out, cache)`` and ``<op>_backward(dout, cache)`` returns the
 gradients of the differentiable inputs, in the order forward takes them
 (integer ids and settings such as p or rng get none).
+
+These are the reference kernels, the ones to read: plain NumPy (or CuPy,
+through get_array_module), no threads, no reused buffers, no GPU dispatch.
+nanograd.fast holds the faster twins that train.py runs, each naming the
+plain function it replaces and tested equal to it.
 """
 from .adamw import AdamW
 from .attention import attention_forward, attention_backward
@@ -13,5 +18,4 @@ from .dropout import dropout_forward, dropout_backward
 from .embedding import embedding_forward, embedding_backward
 from .layernorm import layernorm_forward, layernorm_backward
 from .linear import linear_forward, linear_backward
-from .linear_cross_entropy import linear_cross_entropy_forward, linear_cross_entropy_backward
 from .relu import relu_forward, relu_backward

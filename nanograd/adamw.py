@@ -1,18 +1,10 @@
-"""AdamW, written out, with torch.optim.AdamW's semantics and defaults (and one guard: see AdamW)."""
-import math
-from concurrent.futures import Future
-
-import numpy as np
-
-from .backend import fused_kernels, get_array_module, submit
-
-BLOCK = 1 << 16  # elements per block of the CPU path: p, m, v, g and scratch (5 x 256 KB) stay in L2 cache
-PART = 1 << 20   # elements per task handed to a CPU thread
-TINY = 1e-30     # moments smaller than this are set to 0 now and then: see AdamW
+"""AdamW, written out, with torch.optim.AdamW's semantics and defaults.  Derivation: docs/adamw.md."""
+from .backend import get_array_module
+from .clip import grad_norm
 
 
 def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
-    """One AdamW step of one parameter, in place; the textbook form (and the reference).
+    """One AdamW step of one parameter, in place:
 
         p *= 1 - lr * weight_decay                  decoupled decay
         m  = beta1 * m + (1 - beta1) * g            first moment (momentum)
@@ -21,8 +13,6 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
 
     in torch's order of operations, so float64 results agree to rounding.
     """
-    if fused := fused_kernels(p, g, m, v):  # CuPy: the same in one CUDA kernel
-        return fused.adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t)
     xp = get_array_module(p)
     p *= 1 - lr * weight_decay
     m += (1 - beta1) * (g - m)  # = beta1 * m + (1 - beta1) * g, as torch's lerp
@@ -32,82 +22,13 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
     p -= lr / (1 - beta1 ** t) * (m / denom)
 
 
-def adamw_update_blocked(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
-    """adamw_update on flat NumPy arrays, block by block, with no temporaries.
-
-    The same operations in the same order, but each block of BLOCK
-    elements goes through all of them while it sits in cache, so memory
-    is read and written about once instead of once per operation.
-    Returns the sum of g's squares, taken on the way (see AdamW.step).
-    """
-    p, g, m, v = p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1)  # views
-    scratch = np.empty(min(BLOCK, p.size), p.dtype)
-    decay, step_size = 1 - lr * weight_decay, lr / (1 - beta1 ** t)
-    bias_correction2_sqrt = (1 - beta2 ** t) ** 0.5
-    squares = 0.0
-    for start in range(0, p.size, BLOCK):
-        b = slice(start, start + BLOCK)
-        pb, gb, mb, vb = p[b], g[b], m[b], v[b]
-        tmp = scratch[: pb.size]
-        squares += float(np.dot(gb, gb))
-        pb *= decay
-        np.subtract(gb, mb, out=tmp)
-        tmp *= 1 - beta1
-        mb += tmp
-        vb *= beta2
-        np.multiply(gb, 1 - beta2, out=tmp)
-        tmp *= gb
-        vb += tmp
-        np.sqrt(vb, out=tmp)
-        tmp /= bias_correction2_sqrt
-        tmp += eps
-        np.divide(mb, tmp, out=tmp)
-        tmp *= step_size
-        pb -= tmp
-    return squares
-
-
-def element_groups(sizes, part):
-    """Cut flat arrays of the given sizes into groups of about `part` elements, one thread task each.
-
-    Returns [[(array index, start, stop), ...], ...]: a big array is cut into
-    several pieces, small ones share a group, so each task is worth a thread hand-off.
-    """
-    groups, size = [[]], 0
-    for i, n in enumerate(sizes):
-        for start in range(0, n, part):
-            if size >= part:
-                groups.append([])
-                size = 0
-            groups[-1].append((i, start, min(start + part, n)))
-            size += min(part, n - start)
-    return [group for group in groups if group]
-
-
-def _update_group(group, settings):
-    """adamw_update_blocked on each (p, g, m, v) of group: one CPU thread's task.  Returns
-    the sum of the squares of the group's gradients."""
-    return sum(adamw_update_blocked(*arrays, *settings) for arrays in group)
-
-
 class AdamW:
     """opt = AdamW(params, lr=1e-3); opt.step(grads).
 
-    params and grads are dicts name -> array; parameters are updated in
-    place by adamw_update (see there for the formulas), on NumPy by its
-    cache-blocked twin.  Defaults are torch's: betas (0.9, 0.999), eps 1e-8,
-    weight_decay 0.01 applied to every parameter.  State (m, v per parameter
-    name, and the step count t from 1) round-trips through state_dict().
-
-    One departure from torch: every flush_interval() steps, moments smaller
-    than TINY (1e-30) are set to 0.  A moment whose gradient stays 0, as an
-    embedding row whose token stops appearing, shrinks by beta each step and
-    after ~800 steps (beta1 0.9, from 1e-4) falls below 1.2e-38, into float32's
-    denormal range, where each operation on x86 takes ~100 cycles (8M such
-    moments made an update 6x slower; train.py on the built-in corpus had 114K
-    of them in the embedding by step 1500, and more each step).  Zeroing them
-    first changes an update by at most lr * TINY / eps = 1e-25, below float32's
-    rounding of any weight.
+    params and grads are dicts name -> array; every parameter is updated in
+    place by adamw_update.  Defaults are torch's: betas (0.9, 0.999), eps
+    1e-8, weight_decay 0.01 applied to every parameter.  State (m, v per
+    parameter name, and the step count t from 1) round-trips through state_dict().
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
@@ -119,68 +40,17 @@ class AdamW:
         self.t = 0
         self.m = {name: get_array_module(p).zeros_like(p) for name, p in params.items()}
         self.v = {name: get_array_module(p).zeros_like(p) for name, p in params.items()}
-        self.started = set()  # names whose update in this step start() has begun
-        self.squares = []  # this step's sums of squared gradient elements so far, or futures of them
 
     def step(self, grads):
         """One update of every parameter from grads (same names).  Returns the
-        gradients' global norm, sqrt(sum of every element squared), summed
-        while the update reads them: a separate pass over 66 MB of gradients
-        (the book's config) would cost more than the sums.  train.py stops a
-        run whose norm is not finite.
-
-        On NumPy the parameters are cut into parts of at most PART elements,
-        small parameters grouped together, and the CPU threads update the
-        parts at once (elementwise, so any cut gives the same numbers).
-        Parameters whose update start() began are only waited for.
-        """
-        self._launch({name: grads[name] for name in self.params if name not in self.started}, split=True)
-        squares = [s.result() if isinstance(s, Future) else s for s in self.squares]  # waits for the threads
-        self.started, self.squares = set(), []
-        interval = self.flush_interval()
-        if interval and self.t % interval == 0:
-            for moment in (*self.m.values(), *self.v.values()):
-                moment[get_array_module(moment).abs(moment) < TINY] = 0
-        return math.sqrt(float(sum(squares)))
-
-    def start(self, grads):
-        """Begin this step's update of the parameters named in grads, and return at once:
-        on NumPy one CPU thread works on it meanwhile, leaving the caller a core (so grads
-        and these parameters must not change until step() returns).  step() updates the
-        others and waits.
-
-        train.py starts the output layer's update (half of the parameters) while the model
-        walks back through the blocks, whose small operations keep only one core busy.
-        """
-        self._launch(grads, split=False)
-
-    def _launch(self, grads, split):
-        """Queue the updates of grads' parameters: as one thread task, or split over every CPU thread."""
-        if grads and not self.started:  # the step's first update
-            self.t += 1
-        self.started.update(grads)
-        settings = (self.lr, *self.betas, self.eps, self.weight_decay, self.t)
-        flat = []  # (p, g, m, v) of each NumPy parameter, as 1-D views: p, m, v are contiguous
-        for name, g in grads.items():
-            arrays = (self.params[name], g, self.m[name], self.v[name])
-            if isinstance(arrays[0], np.ndarray):
-                flat.append([a.reshape(-1) for a in arrays])
-            else:  # CuPy: one fused kernel per parameter, queued on the GPU
-                self.squares.append(get_array_module(g).dot(g.reshape(-1), g.reshape(-1)))
-                adamw_update(*arrays, *settings)
-        groups = element_groups([p.size for p, _, _, _ in flat], PART)
-        tasks = [[[a[start:stop] for a in flat[i]] for i, start, stop in group] for group in groups]
-        if tasks and not split:
-            tasks = [sum(tasks, [])]  # one task: the parts one after another
-        self.squares += submit([(_update_group, task, settings) for task in tasks])
-
-    def flush_interval(self):
-        """Steps within which a moment of at least TINY, decaying by beta1 or beta2 a step,
-        stays above float32's smallest normal number (173 for beta1 0.9); None when no beta decays."""
-        decays = [beta for beta in self.betas if 0 < beta < 1]
-        if not decays:
-            return None
-        return max(1, int(math.log(np.finfo(np.float32).tiny / TINY) / math.log(min(decays))))
+        gradients' global norm, sqrt(sum of every element squared), for the
+        caller to stop a run that blew up (train.py does)."""
+        norm = grad_norm(grads)
+        self.t += 1
+        for name, p in self.params.items():
+            adamw_update(p, grads[name], self.m[name], self.v[name],
+                         self.lr, *self.betas, self.eps, self.weight_decay, self.t)
+        return norm
 
     def state_dict(self):
         """Everything needed to resume: hyperparameters, t, and m, v by name.

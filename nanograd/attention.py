@@ -9,7 +9,7 @@ The projection after the concatenation is a separate linear layer.
 import functools
 from typing import NamedTuple
 
-from .backend import fused_kernels, get_array_module
+from .backend import get_array_module
 from .dropout import dropout_forward, dropout_backward
 
 
@@ -52,23 +52,21 @@ def causal_softmax_forward(preatt):
 
     The cache is att itself (the backward needs nothing else).
     """
-    if fused := fused_kernels(preatt):  # CuPy: the same in one CUDA kernel
-        return fused.causal_softmax_forward(preatt)
     xp = get_array_module(preatt)
-    att = preatt + causal_bias(xp, preatt.shape[-1], preatt.dtype)  # (..., T, T) the future gets -inf
-    att -= att.max(axis=-1, keepdims=True)  # the diagonal is always finite
-    xp.exp(att, out=att)  # (..., T, T) the future gets exp(-inf) = 0
-    att /= att.sum(axis=-1, keepdims=True)  # softmax over the keys
-    return att
+    scores = preatt + causal_bias(xp, preatt.shape[-1], preatt.dtype)  # (..., T, T) the future gets -inf
+    scores = scores - scores.max(axis=-1, keepdims=True)  # (..., T, T) the diagonal is always finite
+    exp = xp.exp(scores)  # (..., T, T) the future gets exp(-inf) = 0
+    return exp / exp.sum(axis=-1, keepdims=True)  # (..., T, T) softmax over the keys
 
 
 def causal_softmax_backward(datt, att):
     """dpreatt = att * (datt - sum_j(datt * att)): the softmax's Jacobian applied to datt.
 
-    Masked entries have att = 0, so they get 0.
+    Per row, a = softmax(z) has Jacobian J = diag(a) - a a^T (da_i/dz_j =
+    a_i (delta_ij - a_j)).  J is symmetric, so J^T d = a * d - a (a . d) =
+    a * (d - sum(a * d)): O(T) a row, the (T, T) Jacobian never built.
+    Masked entries have att = 0, so they get 0.  Derivation: docs/attention.md.
     """
-    if fused := fused_kernels(datt, att):  # CuPy: the same in one CUDA kernel
-        return fused.causal_softmax_backward(datt, att)
     return att * (datt - (datt * att).sum(axis=-1, keepdims=True))  # (..., T, T)
 
 
@@ -89,7 +87,7 @@ def attention_forward(x, Wq, Wk, Wv, dropout_p=0.0, rng=None, train=True):
 
 
 def attention_backward(dout, cache):
-    """Gradients (dx, dWq, dWk, dWv), walking the forward in reverse.
+    """Gradients (dx, dWq, dWk, dWv), walking the forward in reverse (docs/attention.md).
 
     y = att_drop @ v         ->  datt_drop = dy @ v.T,  dv = att_drop.T @ dy
     att_drop = dropout(att)  ->  datt = datt_drop * keep
@@ -111,11 +109,14 @@ def attention_backward(dout, cache):
     dpreatt = causal_softmax_backward(datt, att)  # (B, NH, T, T)
     dq = (dpreatt @ k) * scale  # (B, NH, T, hs)
     dk = (dpreatt.transpose(0, 1, 3, 2) @ q) * scale  # (B, NH, T, hs)
-    x2 = x.reshape(B * T, C)  # (B*T, C)
-    dx = 0
-    dW = []
-    for dz, W in ((dq, Wq), (dk, Wk), (dv, Wv)):
-        dz2 = merge_heads(dz)  # (B*T, NH*hs)
-        dW.append((dz2.T @ x2).reshape(NH, hs, C))  # (NH, hs, C)
-        dx = dx + dz2 @ W.reshape(NH * hs, C)  # (B*T, C)
-    return (dx.reshape(B, T, C), *dW)
+    # q, k and v are three linear projections of the same x: each gives its weights a
+    # gradient, and x, which fed all three, gets the sum of the three paths back.
+    x_rows = x.reshape(B * T, C)  # (B*T, C) every position a row
+    dq_rows, dk_rows, dv_rows = merge_heads(dq), merge_heads(dk), merge_heads(dv)  # (B*T, NH*hs) each
+    dWq = (dq_rows.T @ x_rows).reshape(NH, hs, C)  # (NH, hs, C)
+    dWk = (dk_rows.T @ x_rows).reshape(NH, hs, C)  # (NH, hs, C)
+    dWv = (dv_rows.T @ x_rows).reshape(NH, hs, C)  # (NH, hs, C)
+    dx = (dq_rows @ Wq.reshape(NH * hs, C)
+          + dk_rows @ Wk.reshape(NH * hs, C)
+          + dv_rows @ Wv.reshape(NH * hs, C))  # (B*T, C)
+    return dx.reshape(B, T, C), dWq, dWk, dWv

@@ -113,8 +113,8 @@ def standard_cases(xp, seed=0):
                    cross_entropy_backward, dropout_forward, dropout_backward,
                    embedding_forward, embedding_backward, layernorm_forward,
                    layernorm_backward, linear_forward, linear_backward,
-                   linear_cross_entropy_forward, linear_cross_entropy_backward,
                    relu_forward, relu_backward)
+    from .fast.linear_cross_entropy import linear_cross_entropy_forward, linear_cross_entropy_backward
     rng = np.random.default_rng(seed)
     B, T, C, NH, V = 2, 5, 8, 2, 11
     hs = C // NH
@@ -209,7 +209,8 @@ def run(xp=np, seed=0, file=None):
 
 def main(argv=None):
     import argparse
-    parser = argparse.ArgumentParser(prog="python -m nanograd.gradcheck", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m nanograd.gradcheck", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -1,8 +1,6 @@
 """Linear layer y = x @ W.T + b, with W in PyTorch's (out, in) layout."""
 from typing import NamedTuple
 
-from .backend import get_array_module
-
 
 class LinearCache(NamedTuple):
     x: object         # (..., IN)
@@ -10,32 +8,27 @@ class LinearCache(NamedTuple):
     has_bias: bool
 
 
-def linear_forward(x, W, b=None, out=None):
-    """x (..., IN), W (OUT, IN), b (OUT,) or None -> out (..., OUT).  Cache: x, W.
-
-    out, if given, is a (..., OUT) array that receives the result.
-    """
-    out = get_array_module(x).matmul(x, W.T, out=out)  # (..., OUT)
+def linear_forward(x, W, b=None):
+    """x (..., IN), W (OUT, IN), b (OUT,) or None -> out (..., OUT).  Cache: x, W."""
+    out = x @ W.T  # (..., OUT)
     if b is not None:
-        out += b
+        out = out + b  # (..., OUT)
     return out, LinearCache(x, W, b is not None)
 
 
-def linear_backward(dout, cache, dW_out=None):
+def linear_backward(dout, cache):
     """Forward was y = x @ W.T + b, so
 
         dx = dout @ W          (each input feeds every output through W)
         dW = dout.T @ x        (summed over all leading positions)
         db = dout summed over all leading positions
 
-    Returns (dx, dW, db); db is None when there was no bias.  dW_out, if
-    given, is an (OUT, IN) array that receives dW (saves allocating it).
+    Returns (dx, dW, db); db is None when there was no bias.  Derivation: docs/linear.md.
     """
-    xp = get_array_module(dout)
     x, W, has_bias = cache
     OUT, IN = W.shape
-    dout2 = dout.reshape(-1, OUT)  # (N, OUT)
+    dout_rows = dout.reshape(-1, OUT)  # (N, OUT) every leading position a row
     dx = dout @ W  # (..., IN)
-    dW = xp.matmul(dout2.T, x.reshape(-1, IN), out=dW_out)  # (OUT, IN)
-    db = dout2.sum(axis=0) if has_bias else None  # (OUT,)
+    dW = dout_rows.T @ x.reshape(-1, IN)  # (OUT, IN)
+    db = dout_rows.sum(axis=0) if has_bias else None  # (OUT,)
     return dx, dW, db

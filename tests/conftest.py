@@ -35,19 +35,40 @@ settings.register_profile(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
+# benchmarks/gpu_check.sh's run of every CuPy test, which has about a minute: the
+# same draws as "ci", fewer of them (tests/test_cuda_kernels.py keeps "ci").
+settings.register_profile("gpu", parent=settings.get_profile("ci"), max_examples=5)
 settings.register_profile("thorough", deadline=None, max_examples=500,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+def cupy_or_skip():
+    """CuPy, or a skip that gives the one-sentence reason it cannot run here.
+
+    With NANOGRAD_REQUIRE_CUPY=1 (benchmarks/gpu_check.sh sets it) the skip is
+    a failure instead: on the GPU machine a test that could not reach CuPy has
+    not passed, and must not let the run end green.
+    """
+    reason = cupy_unavailable_reason()
+    if reason is None:
+        return get_backend("cupy")
+    if os.environ.get("NANOGRAD_REQUIRE_CUPY") == "1":
+        pytest.fail(f"NANOGRAD_REQUIRE_CUPY=1 but CuPy cannot run: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def cp():
+    """CuPy; skipped with its reason without a device (a failure under NANOGRAD_REQUIRE_CUPY=1)."""
+    return cupy_or_skip()
+
+
 @pytest.fixture(scope="session", params=["numpy", "cupy"])
 def xp(request):
-    """The array module, NumPy and then CuPy; CuPy is skipped, with its reason, without a device."""
-    if request.param == "cupy":
-        reason = cupy_unavailable_reason()
-        if reason is not None:
-            pytest.skip(reason)
-    return get_backend(request.param)
+    """The array module, NumPy and then CuPy; CuPy is skipped, with its reason, without a device
+    (a failure under NANOGRAD_REQUIRE_CUPY=1)."""
+    return cupy_or_skip() if request.param == "cupy" else get_backend(request.param)
 
 
 def _relayout(xp, a, layout):

@@ -198,3 +198,12 @@ def test_a_failed_write_is_one_line_and_leaves_no_temp_file(tmp_path, capsys, mo
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.search(r"cannot write .*m\.ckpt \(.*\); nothing was written there", err), err
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_without_torch_the_message_gives_the_pinned_install(tmp_path, monkeypatch, capsys):
+    """Issue 13.8: the README pins torch; installing torch unpinned fetches whatever is newest."""
+    save_state(tmp_path / "ours.ckpt", Model(H))
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # `import torch` raises ImportError
+    assert main([str(tmp_path / "ours.ckpt"), str(tmp_path / "book.ckpt")]) == 2
+    assert capsys.readouterr().err == "error: converting needs PyTorch: pip install torch==2.13.0\n"
+    assert not (tmp_path / "book.ckpt").exists()

@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 
 from nanograd.backend import get_array_module, to_host
 from nanograd.cross_entropy import cross_entropy_backward, cross_entropy_forward
-from nanograd.linear_cross_entropy import linear_cross_entropy_backward, linear_cross_entropy_forward
+from nanograd.fast.linear_cross_entropy import linear_cross_entropy_backward, linear_cross_entropy_forward
 
 # float64 against torch: a log-sum-exp and a mean over at most a few dozen
 # terms, rounded in another order, ~1e-16 relative; the rtol 1e-9.

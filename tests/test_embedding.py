@@ -79,23 +79,20 @@ def test_forward_picks_rows(xp):
 
 
 def test_backward_is_repeatable(xp):
-    """Backward is pure: a second call on the same cache gives the same gradient."""
+    """Backward is pure: a second call on the same cache gives the same gradient.
+
+    On NumPy bit for bit (np.add.at adds in index order).  On CuPy to rounding:
+    cupyx.scatter_add adds with atomics, which do not fix the order in which the
+    rows of a repeated id are added, so the last bit may differ between calls;
+    three float64 rows summed in another order differ by at most ~2 ulps of the
+    largest partial sum, far inside rtol 1e-12 of the dout scale.
+    """
     rng = np.random.default_rng(0)
     idx = xp.asarray(draw_ids(rng, 2, 3, 4))
     _, cache = embedding_forward(idx, xp.asarray(rng.standard_normal((4, 5))))
     dout = xp.asarray(rng.standard_normal((2, 3, 5)))
-    np.testing.assert_array_equal(to_host(embedding_backward(dout, cache)),
-                                  to_host(embedding_backward(dout, cache)))
-
-
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_backward_into_buffer_equals_plain(xp, dtype):
-    """dW_out receives dW: stale values in it are cleared, repeats still accumulate."""
-    rng = np.random.default_rng(3)
-    idx = xp.asarray(draw_ids(rng, 3, 4, 5))  # (B, T)
-    _, cache = embedding_forward(idx, xp.asarray(rng.standard_normal((5, 2)).astype(dtype)))
-    dout = xp.asarray(rng.standard_normal((3, 4, 2)).astype(dtype))  # (B, T, C)
-    buffer = xp.full((5, 2), 123.0, dtype=dtype)  # (V, C) stale contents
-    dW = embedding_backward(dout, cache, dW_out=buffer)
-    assert dW is buffer
-    np.testing.assert_array_equal(to_host(dW), to_host(embedding_backward(dout, cache)))
+    first, second = to_host(embedding_backward(dout, cache)), to_host(embedding_backward(dout, cache))
+    if xp is np:
+        np.testing.assert_array_equal(first, second)
+    else:
+        np.testing.assert_allclose(first, second, rtol=0, atol=1e-12 * np.abs(to_host(dout)).sum(axis=(0, 1)).max())

@@ -68,16 +68,16 @@ def test_kv_cache_on_backend(xp, setting):
     np.testing.assert_array_equal(cached, on_numpy)
 
 
-def test_kv_cache_hidden_states_equal_full_forward():
-    """Each cached step's last hidden state equals a full forward over the window (float64)."""
+def test_kv_cache_logits_equal_full_forward():
+    """Each cached step's last-position logits equal a full forward over the window (float64)."""
     model = Model(H, dtype="float64", seed=3).eval()
     ids = prompt(2, H["context_length"], seed=4)
     cache = KVCache(model, 2)
     first = cache.run(ids[:, :3])  # a 3-token prompt fills positions 0..2
-    np.testing.assert_allclose(first, model.hidden(ids[:, :3])[0][:, -1], **KV_TOL)
+    np.testing.assert_allclose(first, model(ids[:, :3])[0][:, -1], **KV_TOL)
     for t in range(4, H["context_length"] + 1):
         step = cache.run(ids[:, t - 1:t])  # one new position
-        np.testing.assert_allclose(step, model.hidden(ids[:, :t])[0][:, -1], **KV_TOL)
+        np.testing.assert_allclose(step, model(ids[:, :t])[0][:, -1], **KV_TOL)
     assert cache.filled == H["context_length"]
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from nanograd import AdamW, linear_cross_entropy
+from nanograd import AdamW
+from nanograd.fast import FastAdamW, FastModel, linear_cross_entropy
 from nanograd.backend import make_rng, to_host
 from transformer import book_torch
 from transformer.model import Model, position_table
@@ -87,30 +88,29 @@ ORACLE_CASES = {
 }
 
 
-@pytest.fixture(params=["logits", "fused"])
-def return_logits(request, monkeypatch):
-    """Model.return_logits: True (the book's forward), or False, as train.py runs it: the
+@pytest.fixture(params=["reference", "fast"])
+def model_class(request, monkeypatch):
+    """Model (the book's forward, returning the logits), or FastModel as train.py runs it: the
     output layer and loss fused, in chunks of 5 columns so a row spans several."""
     monkeypatch.setattr(linear_cross_entropy, "VCHUNK", 5)
-    return request.param == "logits"
+    return Model if request.param == "reference" else FastModel
 
 
 @pytest.mark.parametrize("case", list(ORACLE_CASES))
-def test_float64_matches_torch_oracle(case, return_logits):
+def test_float64_matches_torch_oracle(case, model_class):
     overrides, B, T, id_range = ORACLE_CASES[case]
     h = {**BASE, **overrides}
-    model = Model(h, dtype="float64", seed=1)
-    model.return_logits = return_logits
+    model = model_class(h, dtype="float64", seed=1)
     torch_model = oracle(model)
     x, y = tokens(np.random.default_rng(2), B, T, id_range or h["max_token_value"])
     logits, loss = model(x, y)
     grads = model.backward()
     t_logits, t_loss, t_grads = torch_forward_backward(torch_model, x, y)
-    if return_logits:
+    if model_class is Model:
         assert logits.shape == (B, T, h["max_token_value"])
         assert_close(logits, t_logits, RTOL64, ATOL64_SCALE, "logits")
     else:
-        assert logits is None
+        assert logits is None  # FastModel never makes them
     assert abs(loss - t_loss) <= RTOL64 * abs(t_loss), (loss, t_loss)
     assert list(grads) == list(t_grads)  # every named parameter, in torch's order
     for name in t_grads:
@@ -135,24 +135,28 @@ def test_float32_model_matches_float64_oracle():
         assert_close(grads[name], t_grads[name], RTOL32, ATOL32_SCALE, f"d{name}")
 
 
-@pytest.mark.parametrize("early", [False, True], ids=["step", "start-in-backward"])
-def test_ten_adamw_steps_match_torch(return_logits, early):
+@pytest.mark.parametrize("setup", ["reference", "fast", "fast-start-in-backward"])
+def test_ten_adamw_steps_match_torch(setup, monkeypatch):
     """llm.c's test_gpt2: several optimizer steps, new random batches each, losses and final weights;
-    also with AdamW starting on the output layer from inside backward(), as train.py runs it."""
+    on the reference path, on the fast one, and on the fast one with FastAdamW starting on the
+    output layer from inside backward(), as train.py runs it."""
+    monkeypatch.setattr(linear_cross_entropy, "VCHUNK", 5)
     h = {**BASE, "num_blocks": 1}
-    model = Model(h, dtype="float64", seed=5)
-    model.return_logits = return_logits
+    model_class, optimizer_class = (Model, AdamW) if setup == "reference" else (FastModel, FastAdamW)
+    model = model_class(h, dtype="float64", seed=5)
     torch_model = oracle(model)
     lr = 1e-2  # large enough that 10 steps move every weight well past rounding
-    optimizer = AdamW(model.params, lr=lr)
+    optimizer = optimizer_class(model.params, lr=lr)
     torch_optimizer = torch.optim.AdamW(torch_model.parameters(), lr=lr)
+    if setup == "fast-start-in-backward":
+        model.head_ready = optimizer.start
     start = {name: p.copy() for name, p in model.params.items()}
     rng = np.random.default_rng(6)
     losses, torch_losses = [], []
     for _ in range(10):
         x, y = tokens(rng, 2, 8, h["max_token_value"])
         losses.append(model(x, y)[1])
-        optimizer.step(model.backward(head_ready=optimizer.start if early else None))
+        optimizer.step(model.backward())
         torch_losses.append(book_torch.book_train_step(torch_model, torch_optimizer,
                                                        torch.from_numpy(x), torch.from_numpy(y)))
     np.testing.assert_allclose(losses, torch_losses, rtol=RTOL64, atol=0)
@@ -160,19 +164,6 @@ def test_ten_adamw_steps_match_torch(return_logits, early):
     for name, p in torch_model.named_parameters():
         assert not np.array_equal(model.params[name], start[name]), name
         assert_close(model.params[name], p.detach().numpy(), RTOL64, ATOL64_SCALE, name)
-
-
-def test_head_ready_gets_the_output_layers_final_gradients_once():
-    model = Model(BASE, dtype="float64", seed=3)
-    x, y = tokens(np.random.default_rng(4), 2, 8, BASE["max_token_value"])
-    model(x, y)
-    calls = []
-    grads = model.backward(head_ready=lambda head: calls.append(copies(head)))
-    assert len(calls) == 1
-    head = calls[0]
-    assert sorted(head) == ["model_out_linear_layer.bias", "model_out_linear_layer.weight"]
-    for name, g in head.items():
-        np.testing.assert_array_equal(g, grads[name], err_msg=name)
 
 
 def test_grad_accumulation_equals_one_big_batch():

@@ -191,3 +191,38 @@ def test_numbers_a_plot_cannot_hold_are_refused(tmp_path, line):
     path.write_bytes(line + b"\n")
     with pytest.raises(UserError, match=r"^line 1 of metrics file .* lacks a step, train_loss or valid_loss"):
         read_metrics(str(path))
+
+
+@pytest.mark.parametrize("case", ["the-metrics-file", "a-hard-link-to-it", "a-checkpoint", "a-fifo"])
+def test_plot_never_replaces_its_input_or_another_file(trained, tmp_path, case):
+    """Issue 16.2: `--out m.metrics.jsonl` replaced the metrics with a PNG; an existing file that
+    is not an earlier plot, or a FIFO or device, is refused the same way: one line, exit 2."""
+    metrics = tmp_path / "m.metrics.jsonl"
+    metrics.write_bytes(trained[1].read_bytes())
+    out = {"the-metrics-file": metrics, "a-hard-link-to-it": tmp_path / "link.png",
+           "a-checkpoint": tmp_path / "m.ckpt", "a-fifo": tmp_path / "fifo.png"}[case]
+    if case == "a-hard-link-to-it":
+        os.link(metrics, out)
+    elif case == "a-checkpoint":
+        out.write_bytes(b"\x89NGCKPT\n a checkpoint")
+    elif case == "a-fifo":
+        os.mkfifo(out)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    result = run("-m", "transformer.plot", metrics, "--out", out)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    message = {"the-metrics-file": r"is the metrics file itself; choose another path such as .*m\.metrics\.png",
+               "a-hard-link-to-it": r"is the metrics file itself",
+               "a-checkpoint": r"m\.ckpt exists and is not a PNG; plotting would replace it",
+               "a-fifo": r"fifo\.png is not a regular file"}[case]
+    assert re.fullmatch(rf"error: --out .*{message}.*\n", result.stderr), result.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, *(["fifo.png"] if case == "a-fifo" else [])])
+
+
+def test_plot_replaces_an_earlier_plot(trained, tmp_path):
+    out = tmp_path / "loss.png"
+    for _ in range(2):
+        result = run("-m", "transformer.plot", trained[1], "--out", out)
+        assert result.returncode == 0, result.stderr
+    png_size(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["loss.png"]  # no temp file left

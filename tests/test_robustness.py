@@ -163,7 +163,8 @@ def files(tmp_path_factory):
 
 # ---- bad input: the table -------------------------------------------------------------
 
-TRAIN_BASE = ["--data", "{data}", "--out", "{out}", *TINY, "--compact-vocab", "--max-iters", "2",
+# --overwrite: the out fixture holds an earlier run's files, which the rows' failures must not touch
+TRAIN_BASE = ["--data", "{data}", "--out", "{out}", "--overwrite", *TINY, "--compact-vocab", "--max-iters", "2",
               "--eval-interval", "1"]
 RESUME_BASE = ["--data", "{data}", "--out", "{out}", "--resume"]
 INFER_BASE = ["--ckpt", "{good}", "--max-new-tokens", "2", "--prompt", " the module"]
@@ -214,7 +215,7 @@ BAD_INPUT = [
     *[(f"resume-{what}", "train.py", RESUME_BASE + [path], message)
       for what, path, message in BAD_CHECKPOINTS],
     ("resume-no-optimizer-state", "train.py", RESUME_BASE + ["{no_optimizer}"], r"has no optimizer state"),
-    ("resume-other-data", "train.py", RESUME_BASE + ["{good}", "--data", "{other_data}"],
+    ("resume-other-data", "train.py", RESUME_BASE + ["{good}", "--data", "{other_data}", "--max-iters", "3"],
      r"the data differs .*resume with the same --data"),
     *[(f"ckpt-{what}", "inference.py", ["--ckpt", path], message) for what, path, message in BAD_CHECKPOINTS],
     ("prompt-outside-vocabulary", "inference.py", ["--prompt", " zebra giraffe"],
@@ -619,6 +620,34 @@ def test_progress_bar_on_a_terminal(tmp_path, files, flag, rows_cols):
         assert bar is None and "%|" not in text, text
     else:
         assert bar, text
+
+
+def test_ctrl_c_on_a_terminal_leaves_the_message_last(tmp_path, files):
+    """Issue 13.7: after the "Interrupted" line, closing the bar redrew it below the message,
+    with another loss; now the bar is closed first and the message is the last thing shown."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    try:
+        proc = subprocess.Popen([sys.executable, "train.py", "--data", str(files["data"]),
+                                 "--out", str(tmp_path / "m.ckpt"), *TINY, "--compact-vocab",
+                                 "--max-iters", "100000", "--eval-interval", "100000"],
+                                cwd=REPO, env=ENV, stdin=slave, stdout=slave, stderr=slave)
+        os.close(slave)
+        seen, deadline = b"", time.monotonic() + 60
+        while b"tokens_per_s" not in seen and time.monotonic() < deadline:  # the bar has drawn a step
+            if select.select([master], [], [], 0.1)[0]:
+                seen += os.read(master, 65536)
+        proc.send_signal(signal.SIGINT)
+        text = seen.decode("utf-8", "replace") + read_pty(master, proc)
+        assert proc.wait(timeout=60) == 130, text
+    finally:
+        os.close(master)
+    assert "Traceback" not in text
+    message = re.search(r"Interrupted after step (\d+); checkpoint saved to .*m\.ckpt\. Resume with: .*", text)
+    assert message, text
+    assert "%|" not in text[message.end():], repr(text[message.end():])
+    bars = re.findall(r"\| (\d+)/100000 ", text[:message.start()])
+    assert bars and int(bars[-1]) == int(message[1]), text  # the bar's last count is the saved step
 
 
 # ---- fuzz: the data reader ------------------------------------------------------------

@@ -157,7 +157,7 @@ def main(argv=None):
         try:
             import torch  # noqa: F401
         except ImportError:
-            raise UserError("converting needs PyTorch: pip install torch") from None
+            raise UserError("converting needs PyTorch: pip install torch==2.13.0") from None
         try:
             if is_ours(args.src):
                 ours_to_book(args.src, args.dst)

@@ -5,8 +5,8 @@ so its message must be one sentence that names the problem and what to do.
 """
 import argparse
 import os
+import signal
 import sys
-
 
 
 class UserError(Exception):
@@ -18,14 +18,22 @@ class CheckpointError(UserError):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag gets one line on stderr (and exit 2), not the usage block."""
+    """argparse, but a bad flag gets one line on stderr (and exit 2), not the usage block, and a
+    flag must be spelled in full: `--lr 0.01` is an error, not --lr-schedule."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def run_command(main):
-    """sys.exit(main()), quietly when the reader of stdout goes away (`... | head`)."""
+    """sys.exit(main()), quietly when the reader of stdout goes away (`... | head`), and with one
+    line, not a traceback, on Ctrl-C (exit 130, as a shell reports it)."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_DFL:  # train.py, inference.py set it while importing
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         try:
             code = main()
@@ -34,4 +42,7 @@ def run_command(main):
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("Interrupted (Ctrl-C).", file=sys.stderr)
+        sys.exit(130)
     sys.exit(code)

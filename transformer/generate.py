@@ -17,24 +17,26 @@ from nanograd.backend import get_array_module, to_host
 
 
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-             repetition_penalty=1.0, rng=None, kv_cache=True):
-    """idx (B, T) ints -> (B, T + max_new_tokens) host int64; rng a NumPy Generator (default seed 0)."""
+             repetition_penalty=1.0, rng=None, kv_cache=True, stop=None):
+    """idx (B, T) ints -> (B, T + max_new_tokens) host int64; rng a NumPy Generator (default seed 0);
+    stop() true before a token (e.g. after Ctrl-C) ends it early, with the tokens so far."""
     rng = np.random.default_rng(0) if rng is None else rng
     idx = np.array(idx, dtype=np.int64).reshape(len(idx), -1)  # (B, T)
-    W, b = model.params["model_out_linear_layer.weight"], model.params["model_out_linear_layer.bias"]
     was_training, model.training = model.training, False
     cache = None
     try:
         for _ in range(max_new_tokens):
+            if stop is not None and stop():
+                break
             window = idx[:, -model.context_length:]  # (B, <=T)
-            if not kv_cache:
-                x = model.hidden(model.xp.asarray(window))[0][:, -1]  # (B, C)
+            if not kv_cache:  # the book's loop: the whole window through the model
+                logits = model(window)[0][:, -1]  # (B, V)
             elif cache is not None and idx.shape[1] <= model.context_length:
-                x = cache.run(window[:, -1:])  # (B, C) only the newest position
+                logits = cache.run(window[:, -1:])  # (B, V) only the newest position
             else:
                 cache = KVCache(model, len(idx))
-                x = cache.run(window)  # (B, C) the whole window, filling the cache
-            logits = to_host(x @ W.T + b).astype(np.float64)  # (B, V)
+                logits = cache.run(window)  # (B, V) the whole window, filling the cache
+            logits = to_host(logits).astype(np.float64)  # (B, V)
             next_ids = sample(logits, temperature, top_k, top_p, repetition_penalty, idx, rng)  # (B,)
             idx = np.concatenate([idx, next_ids[:, None]], axis=1)
     finally:
@@ -63,36 +65,33 @@ class KVCache:
     """Every block's keys and values, (B, NH, context_length, hs), for positions 0 .. filled-1."""
 
     def __init__(self, model, B):
-        NH, hs, _ = model.qkv[0][0].shape
+        NH, hs, _ = model.blocks[0].Wq.shape
         shape = (B, NH, model.context_length, hs)
         self.model = model
-        self.keys = [model.xp.zeros(shape, model.dtype) for _ in model.qkv]
-        self.values = [model.xp.zeros(shape, model.dtype) for _ in model.qkv]
+        self.keys = [model.xp.zeros(shape, model.dtype) for _ in model.blocks]  # (B, NH, T, hs) each
+        self.values = [model.xp.zeros(shape, model.dtype) for _ in model.blocks]  # (B, NH, T, hs) each
         self.filled = 0
 
     def run(self, ids):
-        """The next positions ids (B, t) through every block (eval mode); last hidden (B, C)."""
-        model, p, xp = self.model, self.model.params, self.model.xp
+        """The next positions ids (B, t) through every block (eval mode); the last position's logits (B, V)."""
+        model, xp = self.model, self.model.xp
         B, t = ids.shape
         start, end = self.filled, self.filled + t
-        x = p["token_embedding_lookup_table.weight"][xp.asarray(ids)] + model.positions[start:end]  # (B, t, C)
-        for i, (K, V) in enumerate(zip(self.keys, self.values)):
-            blk = f"transformer_blocks.{i}."
-            Wq, Wk, Wv = model.qkv[i]  # (NH, hs, C) each
-            NH, hs, C = Wq.shape
-            h = layernorm_forward(x, p[blk + "ln1.weight"], p[blk + "ln1.bias"])[0]  # (B, t, C)
-            q, k, v = project_heads(h, Wq), project_heads(h, Wk), project_heads(h, Wv)  # (B, NH, t, hs)
+        x = model.embedding[xp.asarray(ids)] + model.positions[start:end]  # (B, t, C)
+        for blk, K, V in zip(model.blocks, self.keys, self.values):
+            NH, hs, C = blk.Wq.shape
+            h = layernorm_forward(x, blk.ln1_w, blk.ln1_b)[0]  # (B, t, C)
+            q, k, v = project_heads(h, blk.Wq), project_heads(h, blk.Wk), project_heads(h, blk.Wv)  # (B, NH, t, hs)
             K[:, :, start:end], V[:, :, start:end] = k, v  # remember this step's keys and values
             y = attend(q, K[:, :, :end], V[:, :, :end], start)  # (B, NH, t, hs)
             y = merge_heads(y).reshape(B, t, NH * hs)  # (B, t, C) heads concatenated
-            x = x + linear_forward(y, p[blk + "mha.projection_layer.weight"],
-                                   p[blk + "mha.projection_layer.bias"])[0]  # (B, t, C)
-            h = layernorm_forward(x, p[blk + "ln2.weight"], p[blk + "ln2.bias"])[0]  # (B, t, C)
-            h = relu_forward(linear_forward(h, p[blk + "ffn.ffn.0.weight"], p[blk + "ffn.ffn.0.bias"])[0])[0]
-            x = x + linear_forward(h, p[blk + "ffn.ffn.2.weight"], p[blk + "ffn.ffn.2.bias"])[0]  # (B, t, C)
+            x = x + linear_forward(y, blk.proj_W, blk.proj_b)[0]  # (B, t, C)
+            h = layernorm_forward(x, blk.ln2_w, blk.ln2_b)[0]  # (B, t, C)
+            h = relu_forward(linear_forward(h, blk.fc1_W, blk.fc1_b)[0])[0]  # (B, t, 4C)
+            x = x + linear_forward(h, blk.fc2_W, blk.fc2_b)[0]  # (B, t, C)
         self.filled = end
-        final = f"transformer_blocks.{len(self.keys)}."
-        return layernorm_forward(x[:, -1], p[final + "weight"], p[final + "bias"])[0]  # (B, C)
+        x = layernorm_forward(x[:, -1], model.final_ln_w, model.final_ln_b)[0]  # (B, C)
+        return linear_forward(x, model.head_W, model.head_b)[0]  # (B, V)
 
 
 def sample(logits, temperature, top_k, top_p, repetition_penalty, history, rng):

@@ -1,11 +1,13 @@
-"""Draw every attention head's weights for a prompt, one PNG per head (like the book's notebook).
+"""Draw every attention head's weights for a prompt: one PNG per head, as the book's notebook, and an overview.
 
     python -m transformer.inspect --prompt "Return the number of items" --out-dir attention/
 
 Each image is the (T, T) softmax matrix of one head: row t shows how much
 position t attends to each earlier position (the upper triangle is the
-causal mask, always 0).  Needs matplotlib: pip install matplotlib.
+causal mask, always 0).  overview.png sets them all on one grid, a row per
+block and a column per head.  Needs matplotlib: pip install matplotlib.
 """
+import argparse
 import os
 import sys
 
@@ -14,6 +16,7 @@ import numpy as np
 from nanograd.backend import BackendError, get_backend, to_host
 
 from .errors import OneLineParser, UserError, run_command
+from .outputs import DEFAULT_OUT, check_default_folder, check_not_special
 from .state import build_model, load_state
 from .tokenizer import encode_prompt, get_tokenizer
 
@@ -25,15 +28,51 @@ def attention_maps(model, ids):
     return [to_host(block.attn.att[0]) for block in model.cache.blocks]
 
 
-def draw(maps, labels, out_dir):
-    """One PNG per block and head; returns the paths written."""
+OVERVIEW = "overview.png"  # the grid of every block and head, beside the one-per-head PNGs
+OVERVIEW_DPI = 100
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or a UserError saying how to install it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("drawing attention maps needs matplotlib: pip install matplotlib") from None
-    os.makedirs(out_dir, exist_ok=True)
+    return plt
+
+
+def overview_figure(maps, labels):
+    """One figure with every map on a grid: a row per block, a column per head, each cell a (T, T) map.
+
+    Token labels go on the left column and the bottom row while they can be read (T <= 32).
+    """
+    plt = pyplot()
+    NB, NH, T = len(maps), maps[0].shape[0], len(labels)
+    cell = min(4.0, max(2.0, 0.1 * T + 1.0))  # inches per panel: grows with T, then stops
+    fig, axes = plt.subplots(NB, NH, figsize=(cell * NH + 1.6, cell * NB + 0.8), squeeze=False,
+                             layout="constrained")
+    for i, heads in enumerate(maps):
+        for h, att in enumerate(heads):
+            ax = axes[i, h]
+            image = ax.imshow(att, cmap="viridis", vmin=0.0, vmax=1.0)
+            ax.set_title(f"block {i}, head {h}", fontsize=9)
+            ticks = range(T) if T <= 32 else []  # beyond that, a tick per token is a smear
+            ax.set_xticks(ticks, labels if ticks and i == NB - 1 else [], rotation=90, fontsize=6)
+            ax.set_yticks(ticks, labels if ticks and h == 0 else [], fontsize=6)
+            if i == NB - 1:
+                ax.set_xlabel("attends to (key)", fontsize=8)
+            if h == 0:
+                ax.set_ylabel("position (query)", fontsize=8)
+    fig.colorbar(image, ax=axes, shrink=0.6)
+    fig.suptitle(f"attention weights, {T} tokens: rows are blocks, columns are heads")
+    return fig
+
+
+def draw(maps, labels, out_dir):
+    """One PNG per block and head, and OVERVIEW with all of them; returns the per-head paths."""
+    plt = pyplot()
     paths = []
     T = len(labels)
     for i, heads in enumerate(maps):
@@ -49,21 +88,54 @@ def draw(maps, labels, out_dir):
             fig.colorbar(image, ax=ax, fraction=0.046)
             fig.tight_layout()
             path = os.path.join(out_dir, f"block{i}_head{h}.png")
-            fig.savefig(path, dpi=100)
-            plt.close(fig)
+            save_png(plt, fig, path, dpi=100)
             paths.append(path)
+    save_png(plt, overview_figure(maps, labels), os.path.join(out_dir, OVERVIEW), dpi=OVERVIEW_DPI)
     return paths
 
 
+def save_png(plt, fig, path, dpi):
+    """Write fig to path through a temporary file and a rename (a link there is replaced, not followed)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        check_not_special(path, "the image")
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot write {path} ({e.strerror}); choose another --out-dir") from e
+    finally:
+        plt.close(fig)
+
+
+def check_out_dir(out_dir):
+    """UserError unless out_dir is (or can be made) a folder we may write in; makes it."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out-dir {out_dir} is a file, not a folder; give a folder (made if missing)")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder {out_dir} ({e.strerror}); choose another --out-dir") from e
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise UserError(f"--out-dir {out_dir} is not writable (Permission denied); choose another --out-dir")
+
+
 def main(argv=None):
-    parser = OneLineParser(prog="python -m transformer.inspect", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", default=os.path.join("model", "model.ckpt"))
-    parser.add_argument("--prompt", default="Return the number of items in the list.")
-    parser.add_argument("--out-dir", default="attention")
-    parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    parser = OneLineParser(prog="python -m transformer.inspect", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # help ends in the default
+    parser.add_argument("--ckpt", default=DEFAULT_OUT,
+                        help="checkpoint to read, as train.py writes it")
+    parser.add_argument("--prompt", default="Return the number of items in the list.",
+                        help="text whose attention is drawn; only its last context_length tokens are used")
+    parser.add_argument("--out-dir", default="attention",
+                        help=f"folder for the PNGs: block<i>_head<h>.png per head, and {OVERVIEW} with them all")
+    parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
+                        help="array library the model runs on (cupy needs a GPU)")
     args = parser.parse_args(argv)
     try:
         get_backend(args.backend)
+        check_default_folder(args.ckpt)
         tensors, meta = load_state(args.ckpt)
         model = build_model(tensors, meta, backend=args.backend)
         tokenizer = get_tokenizer()
@@ -71,11 +143,13 @@ def main(argv=None):
         ids = ids[-model.context_length:]
         raw = ids if "vocab" not in tensors else tensors["vocab"][ids]
         labels = [repr(tokenizer.decode([int(i)]))[1:-1] for i in raw]
+        check_out_dir(args.out_dir)
         paths = draw(attention_maps(model, np.asarray(ids)), labels, args.out_dir)
     except (UserError, BackendError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"Wrote {len(paths)} attention maps ({len(labels)} tokens) to {args.out_dir}/")
+    print(f"Wrote {len(paths)} attention maps ({len(labels)} tokens) and {OVERVIEW}, all on one grid, "
+          f"to {args.out_dir}/")
     return 0
 
 

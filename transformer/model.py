@@ -3,25 +3,25 @@
     x = embedding[idx] + positions                      (B, T, C)
     for each block:
         x = x + dropout(proj(attention(ln1(x))))
-        x = x + dropout(W2 relu(W1 ln2(x) + b1) + b2)
+        x = x + dropout(fc2(relu(fc1(ln2(x)))))
     logits = head(ln_final(x))                          (B, T, V)
     loss = cross_entropy(logits, targets)
 
 forward() keeps every kernel's cache; backward() walks the same steps in
 reverse, block by block, calling each kernel's backward.  No autograd.
+This is the reference model, the one to read; nanograd/fast/model.py runs
+the same walk faster (FastModel, what train.py trains by default).
 """
 import math
 from typing import NamedTuple
 
 import numpy as np
 
-from nanograd import (attention_backward, attention_forward, dropout_backward, dropout_forward,
-                      embedding_backward, embedding_forward, layernorm_backward,
-                      layernorm_forward, linear_backward, linear_forward, relu_backward,
-                      relu_forward)
+from nanograd import (attention_backward, attention_forward, cross_entropy_backward, cross_entropy_forward,
+                      dropout_backward, dropout_forward, embedding_backward, embedding_forward,
+                      layernorm_backward, layernorm_forward, linear_backward, linear_forward,
+                      relu_backward, relu_forward)
 from nanograd.backend import get_backend, make_rng
-from nanograd.cross_entropy import cross_entropy_backward, cross_entropy_forward
-from nanograd.linear_cross_entropy import linear_cross_entropy_backward, linear_cross_entropy_forward
 
 from .errors import UserError
 from .validate import check_h_params
@@ -93,6 +93,54 @@ def init_params(h_params, seed=0):
     return params
 
 
+# The book's state_dict keys, bound once to readable names.  Outside the blocks:
+EMBEDDING = "token_embedding_lookup_table.weight"     # (V, C)
+HEAD_W, HEAD_B = "model_out_linear_layer.weight", "model_out_linear_layer.bias"  # (V, C), (V,)
+# The final LayerNorm is the last entry of the book's nn.Sequential of blocks:
+# transformer_blocks.{num_blocks}.weight and .bias.
+# Inside block i, after the prefix transformer_blocks.{i}.:
+BLOCK_KEYS = {
+    "ln1_w": "ln1.weight", "ln1_b": "ln1.bias",
+    "proj_W": "mha.projection_layer.weight", "proj_b": "mha.projection_layer.bias",
+    "ln2_w": "ln2.weight", "ln2_b": "ln2.bias",
+    # The book's feed-forward is nn.Sequential(Linear(C, 4C), ReLU(), Linear(4C, C), Dropout()),
+    # so its keys count those four: ffn.ffn.0 is the first linear layer (fc1 here), ffn.ffn.2 the
+    # second (fc2); the ReLU (1) and the Dropout (3) have no parameters.
+    "fc1_W": "ffn.ffn.0.weight", "fc1_b": "ffn.ffn.0.bias",
+    "fc2_W": "ffn.ffn.2.weight", "fc2_b": "ffn.ffn.2.bias",
+}
+# The attention's weights are one bias-free nn.Linear(C, hs) per head and per role,
+# mha.heads.{h}.Wq.weight (hs, C) and likewise Wk, Wv; here each role's heads are stacked
+# as one (NH, hs, C) array, so attention runs all heads at once.
+HEAD_ROLES = ("Wq", "Wk", "Wv")
+
+
+class BlockParams(NamedTuple):
+    """One block's parameters (or their gradients), in the order the forward uses them."""
+    ln1_w: object   # (C,)
+    ln1_b: object   # (C,)
+    Wq: object      # (NH, hs, C)
+    Wk: object      # (NH, hs, C)
+    Wv: object      # (NH, hs, C)
+    proj_W: object  # (C, C)
+    proj_b: object  # (C,)
+    ln2_w: object   # (C,)
+    ln2_b: object   # (C,)
+    fc1_W: object   # (4C, C)
+    fc1_b: object   # (4C,)
+    fc2_W: object   # (C, 4C)
+    fc2_b: object   # (C,)
+
+
+def block_names(i, NH):
+    """BlockParams field -> the book's key (or, for Wq/Wk/Wv, the NH per-head keys) in block i."""
+    prefix = f"transformer_blocks.{i}."
+    names = {field: prefix + key for field, key in BLOCK_KEYS.items()}
+    for role in HEAD_ROLES:
+        names[role] = [prefix + f"mha.heads.{h}.{role}.weight" for h in range(NH)]
+    return names
+
+
 class BlockCache(NamedTuple):
     ln1: object
     attn: object
@@ -109,7 +157,7 @@ class ForwardCache(NamedTuple):
     emb: object
     blocks: list
     ln_final: object
-    head: object  # None when the output layer and the loss ran fused (return_logits False)
+    head: object
     loss: object  # None when forward had no targets
 
 
@@ -118,23 +166,12 @@ class Model:
 
     params: name -> array, keyed and shaped like the book's state_dict()
     (without the mask buffers).  The arrays are the model's own storage:
-    writing into them in place changes the model.  The per-head Wq/Wk/Wv
-    are views into one (3, NH, hs, C) array per block, so attention runs
-    all heads at once.
+    writing into them in place changes the model.  The same arrays are
+    bound to readable names: self.embedding, self.blocks[i].fc1_W, ...,
+    self.final_ln_w, self.head_W.  The per-head Wq/Wk/Wv of params are
+    views into each block's stacked (NH, hs, C) arrays.
 
     model.rng is the dropout generator; train.py reseeds it every step.
-
-    With return_logits = False (train.py sets it), a forward with targets
-    returns (None, loss): the output layer and the loss run fused, a slice
-    of the vocabulary at a time (nanograd/linear_cross_entropy.py), in a
-    (B*T, V) work buffer kept between steps.  By default a forward returns
-    the logits, as the book's does.
-
-    The gradients of the embedding and of the output layer, 30 MB each in
-    the book's config, live in buffers kept between steps too, since
-    allocating them afresh costs more than the arithmetic on them.  So,
-    like PyTorch's .grad, the arrays backward() returns are overwritten by
-    the next backward(): copy them to keep them.
     """
 
     def __init__(self, h_params, backend="numpy", dtype="float32", seed=0):
@@ -152,27 +189,24 @@ class Model:
         self.rng = make_rng(xp, seed, 1)
         self.positions = xp.asarray(position_table(self.context_length, C), dtype=self.dtype)  # (T, C)
         init = init_params(h_params, seed)
-        self.qkv = []  # per block: (3, NH, hs, C) storage behind the per-head views
+        self.params = {name: xp.asarray(value, dtype=self.dtype) for name, value in init.items()}
+        self.blocks = []
         for i in range(NB):
-            blk = f"transformer_blocks.{i}."
-            qkv = xp.asarray(np.array([[init[blk + f"mha.heads.{h}.{W}.weight"] for h in range(NH)]
-                                       for W in ("Wq", "Wk", "Wv")]), dtype=self.dtype)  # (3, NH, hs, C)
-            self.qkv.append(qkv)
-            for h in range(NH):
-                for j, W in enumerate(("Wq", "Wk", "Wv")):
-                    init[blk + f"mha.heads.{h}.{W}.weight"] = qkv[j, h]
-        self.params = {name: value if ".mha.heads." in name else xp.asarray(value, dtype=self.dtype)
-                       for name, value in init.items()}  # the book's order of names
+            names = block_names(i, NH)
+            fields = {}
+            for field, name in names.items():
+                if field in HEAD_ROLES:  # stack the heads, and make params' entries views of the stack
+                    fields[field] = xp.stack([self.params[n] for n in name])  # (NH, hs, C)
+                    for h, n in enumerate(name):
+                        self.params[n] = fields[field][h]
+                else:
+                    fields[field] = self.params[name]
+            self.blocks.append(BlockParams(**fields))
+        self.embedding = self.params[EMBEDDING]
+        self.final_ln_w = self.params[f"transformer_blocks.{NB}.weight"]
+        self.final_ln_b = self.params[f"transformer_blocks.{NB}.bias"]
+        self.head_W, self.head_b = self.params[HEAD_W], self.params[HEAD_B]
         self.cache = None
-        self.buffers = {}
-        self.return_logits = True
-
-    def buffer(self, name, shape):
-        """A reusable work array: the same one every call with the same shape."""
-        buf = self.buffers.get(name)
-        if buf is None or buf.shape != tuple(shape):
-            buf = self.buffers[name] = self.xp.empty(shape, dtype=self.dtype)
-        return buf
 
     # ---- modes ------------------------------------------------------------
     def train(self):
@@ -189,119 +223,106 @@ class Model:
         return sum(int(p.size) for p in self.params.values())
 
     # ---- forward ----------------------------------------------------------
-    def hidden(self, idx):
-        """Everything up to the final LayerNorm: (B, T) ids -> x (B, T, C) and the caches."""
-        p, drop, train = self.params, self.dropout, self.training
+    def __call__(self, idx, targets=None):
+        """(B, T) ids [, (B, T) targets] -> logits (B, T, V), loss (float, or None without targets)."""
+        idx = self.xp.asarray(idx)
         B, T = idx.shape
         if T > self.context_length:
             raise ValueError(f"sequence length {T} exceeds context_length {self.context_length}")
-        x, emb_cache = embedding_forward(idx, p["token_embedding_lookup_table.weight"])  # (B, T, C)
+        x, emb = embedding_forward(idx, self.embedding)  # (B, T, C)
         x = x + self.positions[:T]  # (B, T, C) the table is a constant: no gradient
         blocks = []
-        for i in range(self.h_params["num_blocks"]):
-            blk = f"transformer_blocks.{i}."
-            Wq, Wk, Wv = self.qkv[i]  # (NH, hs, C) each
-            # x = x + dropout(proj(attention(ln1(x))))
-            h, ln1 = layernorm_forward(x, p[blk + "ln1.weight"], p[blk + "ln1.bias"])  # (B, T, C)
-            h, attn = attention_forward(h, Wq, Wk, Wv, drop, self.rng, train)  # (B, T, C)
-            h, proj = linear_forward(h, p[blk + "mha.projection_layer.weight"],
-                                     p[blk + "mha.projection_layer.bias"])  # (B, T, C)
-            h, drop1 = dropout_forward(h, drop, self.rng, train)  # (B, T, C)
-            x = x + h  # (B, T, C)
-            # x = x + dropout(W2 relu(W1 ln2(x) + b1) + b2)
-            h, ln2 = layernorm_forward(x, p[blk + "ln2.weight"], p[blk + "ln2.bias"])  # (B, T, C)
-            h, fc1 = linear_forward(h, p[blk + "ffn.ffn.0.weight"], p[blk + "ffn.ffn.0.bias"])  # (B, T, 4C)
-            h, relu = relu_forward(h)  # (B, T, 4C)
-            h, fc2 = linear_forward(h, p[blk + "ffn.ffn.2.weight"], p[blk + "ffn.ffn.2.bias"])  # (B, T, C)
-            h, drop2 = dropout_forward(h, drop, self.rng, train)  # (B, T, C)
-            x = x + h  # (B, T, C)
-            blocks.append(BlockCache(ln1, attn, proj, drop1, ln2, fc1, relu, fc2, drop2))
-        final = f"transformer_blocks.{self.h_params['num_blocks']}."
-        x, ln_final = layernorm_forward(x, p[final + "weight"], p[final + "bias"])  # (B, T, C)
-        return x, emb_cache, blocks, ln_final
-
-    def __call__(self, idx, targets=None):
-        """(B, T) ids [, (B, T) targets] -> logits (B, T, V), loss (float or None).
-
-        With targets and return_logits False, the logits are None.
-        """
-        idx = self.xp.asarray(idx)
-        x, emb_cache, blocks, ln_final = self.hidden(idx)  # (B, T, C)
-        B, T, C = x.shape
-        W, b = self.params["model_out_linear_layer.weight"], self.params["model_out_linear_layer.bias"]
-        logits = head = loss = loss_cache = None
+        for blk in self.blocks:
+            x, block = self.block_forward(x, blk)  # (B, T, C)
+            blocks.append(block)
+        x, ln_final = layernorm_forward(x, self.final_ln_w, self.final_ln_b)  # (B, T, C)
+        logits, head = linear_forward(x, self.head_W, self.head_b)  # (B, T, V)
+        loss = loss_cache = None
         if targets is not None:
             targets = self.xp.asarray(targets).reshape(B * T)  # (B*T,)
-        if targets is not None and not self.return_logits:  # output layer and loss fused
-            work = self.buffer("work", (B * T, W.shape[0])) if self.xp is np else None  # (B*T, V); CuPy needs none
-            loss, loss_cache = linear_cross_entropy_forward(x, W, b, targets, work)
-        else:
-            logits, head = linear_forward(x, W, b)  # (B, T, V)
-            if targets is not None:
-                loss, loss_cache = cross_entropy_forward(logits.reshape(B * T, -1), targets)
-        self.cache = ForwardCache(emb_cache, blocks, ln_final, head, loss_cache)
+            loss, loss_cache = cross_entropy_forward(logits.reshape(B * T, -1), targets)
+        self.cache = ForwardCache(emb, blocks, ln_final, head, loss_cache)
         return logits, None if loss is None else float(loss)
 
     forward = __call__
 
+    def block_forward(self, x, blk):
+        """One block, the book's TransformerBlock: x (B, T, C) -> x (B, T, C), BlockCache."""
+        p, rng, train = self.dropout, self.rng, self.training
+        # x = x + dropout(proj(attention(ln1(x))))
+        h, ln1 = layernorm_forward(x, blk.ln1_w, blk.ln1_b)  # (B, T, C)
+        h, attn = attention_forward(h, blk.Wq, blk.Wk, blk.Wv, p, rng, train)  # (B, T, C)
+        h, proj = linear_forward(h, blk.proj_W, blk.proj_b)  # (B, T, C)
+        h, drop1 = dropout_forward(h, p, rng, train)  # (B, T, C)
+        x = x + h  # (B, T, C)
+        # x = x + dropout(fc2(relu(fc1(ln2(x)))))
+        h, ln2 = layernorm_forward(x, blk.ln2_w, blk.ln2_b)  # (B, T, C)
+        h, fc1 = linear_forward(h, blk.fc1_W, blk.fc1_b)  # (B, T, 4C)
+        h, relu = relu_forward(h)  # (B, T, 4C)
+        h, fc2 = linear_forward(h, blk.fc2_W, blk.fc2_b)  # (B, T, C)
+        h, drop2 = dropout_forward(h, p, rng, train)  # (B, T, C)
+        x = x + h  # (B, T, C)
+        return x, BlockCache(ln1, attn, proj, drop1, ln2, fc1, relu, fc2, drop2)
+
     # ---- backward ---------------------------------------------------------
-    def backward(self, head_ready=None):
+    def backward(self):
         """Gradients of the last forward's mean loss: a dict keyed like params.
 
-        The forward read in reverse.  Where a tensor fed two places (the
-        residual stream x feeds both the branch and the sum), the two
-        incoming gradients are added with an explicit +=.
-
-        head_ready, if given, is called with the output layer's gradients
-        (a dict) as soon as they are final, before the walk back through the
-        blocks: train.py starts AdamW on them there (AdamW.start), on the
-        core that the blocks' small operations leave idle.
+        The forward read in reverse: loss, output layer, final LayerNorm, the
+        blocks from last to first, the embedding.
         """
         cache = self.cache
         if cache is None or cache.loss is None:
             raise RuntimeError("backward() needs a forward with targets first")
-        grads = {}
-        NB, NH = self.h_params["num_blocks"], self.h_params["num_heads"]
         B, T, _ = cache.ln_final.x.shape
-        dW_head = self.buffer("dW_head", self.params["model_out_linear_layer.weight"].shape)  # (V, C)
-        if cache.head is None:  # the output layer and the loss ran fused
-            dx, dW, db = linear_cross_entropy_backward(1.0, cache.loss, dW_out=dW_head)  # (B, T, C)
-        else:
-            dlogits = cross_entropy_backward(1.0, cache.loss)  # (B*T, V)
-            dx, dW, db = linear_backward(dlogits.reshape(B, T, -1), cache.head, dW_out=dW_head)  # (B, T, C)
-        grads["model_out_linear_layer.weight"], grads["model_out_linear_layer.bias"] = dW, db
-        if head_ready is not None:
-            head_ready({"model_out_linear_layer.weight": dW, "model_out_linear_layer.bias": db})
-        final = f"transformer_blocks.{NB}."
-        dx, grads[final + "weight"], grads[final + "bias"] = layernorm_backward(dx, cache.ln_final)
-        for i in reversed(range(NB)):
-            blk, c = f"transformer_blocks.{i}.", cache.blocks[i]
-            # x = x + dropout(W2 relu(W1 ln2(x) + b1) + b2)
-            dh = dropout_backward(dx, c.drop2)  # (B, T, C)
-            dh, grads[blk + "ffn.ffn.2.weight"], grads[blk + "ffn.ffn.2.bias"] = linear_backward(dh, c.fc2)
-            dh = relu_backward(dh, c.relu)  # (B, T, 4C)
-            dh, grads[blk + "ffn.ffn.0.weight"], grads[blk + "ffn.ffn.0.bias"] = linear_backward(dh, c.fc1)
-            dh, grads[blk + "ln2.weight"], grads[blk + "ln2.bias"] = layernorm_backward(dh, c.ln2)
-            dx += dh  # the residual: x reached the loss directly and through the branch
-            # x = x + dropout(proj(attention(ln1(x))))
-            dh = dropout_backward(dx, c.drop1)  # (B, T, C)
-            dh, grads[blk + "mha.projection_layer.weight"], grads[blk + "mha.projection_layer.bias"] = \
-                linear_backward(dh, c.proj)
-            dh, dWq, dWk, dWv = attention_backward(dh, c.attn)  # (B, T, C), (NH, hs, C) x 3
-            for h in range(NH):
-                grads[blk + f"mha.heads.{h}.Wq.weight"] = dWq[h]
-                grads[blk + f"mha.heads.{h}.Wk.weight"] = dWk[h]
-                grads[blk + f"mha.heads.{h}.Wv.weight"] = dWv[h]
-            dh, grads[blk + "ln1.weight"], grads[blk + "ln1.bias"] = layernorm_backward(dh, c.ln1)
-            dx += dh
+        dlogits = cross_entropy_backward(1.0, cache.loss)  # (B*T, V)
+        dx, dhead_W, dhead_b = linear_backward(dlogits.reshape(B, T, -1), cache.head)  # (B, T, C)
+        dx, dfinal_ln_w, dfinal_ln_b = layernorm_backward(dx, cache.ln_final)  # (B, T, C)
+        dblocks = [None] * len(self.blocks)
+        for i in reversed(range(len(self.blocks))):
+            dx, dblocks[i] = self.block_backward(dx, cache.blocks[i])  # (B, T, C)
         # x = embedding[idx] + positions: the positions are constant
-        grads["token_embedding_lookup_table.weight"] = embedding_backward(
-            dx, cache.emb, dW_out=self.buffer("dW_embedding", cache.emb.W_shape))
+        dembedding = embedding_backward(dx, cache.emb)  # (V, C)
+        return self.named_grads(dembedding, dblocks, dfinal_ln_w, dfinal_ln_b, dhead_W, dhead_b)
+
+    def block_backward(self, dx, c):
+        """One block's forward read in reverse: dx (B, T, C) -> dx (B, T, C), BlockParams of gradients.
+
+        The residual stream x fed both the branch and the sum, so the
+        branch's gradient is added to dx with an explicit +=.
+        """
+        # x = x + dropout(fc2(relu(fc1(ln2(x)))))
+        dh = dropout_backward(dx, c.drop2)  # (B, T, C)
+        dh, dfc2_W, dfc2_b = linear_backward(dh, c.fc2)  # (B, T, 4C)
+        dh = relu_backward(dh, c.relu)  # (B, T, 4C)
+        dh, dfc1_W, dfc1_b = linear_backward(dh, c.fc1)  # (B, T, C)
+        dh, dln2_w, dln2_b = layernorm_backward(dh, c.ln2)  # (B, T, C)
+        dx += dh  # x reached the output directly and through the branch
+        # x = x + dropout(proj(attention(ln1(x))))
+        dh = dropout_backward(dx, c.drop1)  # (B, T, C)
+        dh, dproj_W, dproj_b = linear_backward(dh, c.proj)  # (B, T, C)
+        dh, dWq, dWk, dWv = attention_backward(dh, c.attn)  # (B, T, C), (NH, hs, C) x 3
+        dh, dln1_w, dln1_b = layernorm_backward(dh, c.ln1)  # (B, T, C)
+        dx += dh
+        return dx, BlockParams(dln1_w, dln1_b, dWq, dWk, dWv, dproj_W, dproj_b,
+                               dln2_w, dln2_b, dfc1_W, dfc1_b, dfc2_W, dfc2_b)
+
+    def named_grads(self, dembedding, dblocks, dfinal_ln_w, dfinal_ln_b, dhead_W, dhead_b):
+        """The gradients under the book's keys, in params' order (per-head views of dWq, dWk, dWv)."""
+        NB, NH = len(self.blocks), self.h_params["num_heads"]
+        grads = {EMBEDDING: dembedding, HEAD_W: dhead_W, HEAD_B: dhead_b,
+                 f"transformer_blocks.{NB}.weight": dfinal_ln_w, f"transformer_blocks.{NB}.bias": dfinal_ln_b}
+        for i, dblk in enumerate(dblocks):
+            for field, name in block_names(i, NH).items():
+                if field in HEAD_ROLES:
+                    grads.update(zip(name, getattr(dblk, field)))  # (hs, C) per head
+                else:
+                    grads[name] = getattr(dblk, field)
         return {name: grads[name] for name in self.params}
 
     # ---- generation -------------------------------------------------------
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 repetition_penalty=1.0, rng=None, kv_cache=True):
+                 repetition_penalty=1.0, rng=None, kv_cache=True, stop=None):
         """Append max_new_tokens sampled ids to idx (B, T); returns host int64 (B, T + new).
 
         The book's ch.20 loop (crop to context_length, last position's
@@ -310,4 +331,4 @@ class Model:
         """
         from .generate import generate
         return generate(self, idx, max_new_tokens, temperature, top_k, top_p,
-                        repetition_penalty, rng, kv_cache)
+                        repetition_penalty, rng, kv_cache, stop)

@@ -15,6 +15,7 @@ import os
 import sys
 
 from .errors import OneLineParser, UserError, run_command
+from .outputs import check_not_special, same_file
 from .validate import is_real, read_file
 
 METRICS_BYTES_PER_BYTE = 40  # a 60-byte JSON line becomes a dict of a few floats: about 1 kB
@@ -91,13 +92,37 @@ def plot(records, out, title=None):
         ax.grid(True, alpha=0.3)
         ax.legend()
         fig.tight_layout()
+        tmp = f"{out}.tmp.{os.getpid()}"  # written whole, then renamed: a failed write leaves out alone
         try:
-            fig.savefig(out, format="png")
+            fig.savefig(tmp, format="png")
+            os.replace(tmp, out)
         except OSError as e:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
             raise UserError(f"cannot write {out} ({e.strerror}); check that its folder exists "
                             "and is writable") from e
     finally:
         plt.close(fig)
+
+
+def check_out(out, metrics):
+    """UserError unless writing the PNG to out replaces nothing but an earlier PNG."""
+    if same_file(out, metrics):
+        raise UserError(f"--out {out} is the metrics file itself; choose another path such as "
+                        f"{default_out(metrics)}")
+    check_not_special(out, "--out")
+    if os.path.exists(out):
+        try:
+            with open(out, "rb") as f:
+                is_png = f.read(8) == b"\x89PNG\r\n\x1a\n"
+        except OSError as e:
+            raise UserError(f"cannot read {out} ({e.strerror}) to check that it is an earlier plot; "
+                            "choose another --out") from e
+        if not is_png:
+            raise UserError(f"--out {out} exists and is not a PNG; plotting would replace it, "
+                            "so choose another path")
 
 
 def default_out(metrics_path):
@@ -114,6 +139,7 @@ def main(argv=None):
     out = args.out or default_out(args.metrics)
     try:
         records = read_metrics(args.metrics)
+        check_out(out, args.metrics)
         plot(records, out, title=os.path.basename(args.metrics))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

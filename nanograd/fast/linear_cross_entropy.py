@@ -1,7 +1,9 @@
 """The output layer and the loss in one: cross_entropy(x @ W.T + b, targets), a slice of the vocabulary at a time.
 
-This is the same function as linear_forward followed by cross_entropy_forward
-(that pair is the reference the tests hold it to), computed on every CPU core
+Replaces nanograd.linear_forward followed by nanograd.cross_entropy_forward,
+and their backwards, in the model's last step (FastModel); that plain pair is
+the reference tests/test_fast_linear_cross_entropy.py holds it to.  The same
+function, computed on every CPU core
 and with no (N, V) temporaries.  The vocabulary is cut into chunks of vchunk
 columns; each CPU thread takes a range of chunks and, for each one, makes its
 shifted logits with one matrix product and turns them into exponentials while
@@ -37,17 +39,18 @@ the rows of W and b at the targets.  With s = r * dloss / N:
 
 (scatter-added: a target id can repeat).  The backward only reads work.
 
-On CuPy arrays (a GPU has no cache to keep a chunk in) it is the plain pair
-of kernels.  BLAS must be single-threaded for the chunks' threads not to fight
+On CuPy arrays (a GPU has no cache to keep a chunk in) it is the plain linear
+layer and the fused CUDA cross-entropy kernel (cuda_kernels.py).  BLAS must be single-threaded for the chunks' threads not to fight
 it for the cores: train.py sets OPENBLAS_NUM_THREADS=1 before NumPy loads.
 """
 from typing import NamedTuple
 
 import numpy as np
 
-from .backend import cpu_threads, get_array_module, parallel, scatter_add, split_range
-from .cross_entropy import cross_entropy_backward, cross_entropy_forward
-from .linear import linear_backward, linear_forward
+from ..backend import get_array_module, scatter_add
+from ..linear import linear_backward, linear_forward
+from . import cuda_kernels
+from .threads import cpu_threads, parallel, split_range
 
 VCHUNK = 4096  # vocabulary columns per chunk: the fastest of 2048-16384 on the book's config (4 MB at N = 256)
 
@@ -61,7 +64,7 @@ class LinearCrossEntropyCache(NamedTuple):
     vchunk: int        # columns per chunk
 
 
-class ComposedCache(NamedTuple):  # CuPy: the caches of the plain pair
+class ComposedCache(NamedTuple):  # CuPy: the caches of the linear layer and the CUDA cross-entropy
     linear: object
     loss: object
 
@@ -105,8 +108,8 @@ def linear_cross_entropy_forward(x, W, b, targets, work, vchunk=None):
     loss = mean_n(logsumexp(logits[n]) - logits[n, targets[n]]) with
     logits = x @ W.T + b, as linear_forward then cross_entropy_forward.
     work is a preallocated (N, V) array, N = number of positions; it ends
-    up holding exp(logits - shift), which the backward reads (on CuPy,
-    which runs the plain pair, it is not used and may be None).
+    up holding exp(logits - shift), which the backward reads (on CuPy it
+    is not used and may be None).
     vchunk: about how many vocabulary columns a chunk has, VCHUNK by
     default, adjusted by balanced_width (any width gives the same loss, to
     rounding).
@@ -115,7 +118,7 @@ def linear_cross_entropy_forward(x, W, b, targets, work, vchunk=None):
     x2, targets = x.reshape(-1, W.shape[1]), targets.reshape(-1)  # (N, C), (N,)
     if xp is not np:
         logits, linear = linear_forward(x, W, b)  # (..., V)
-        loss, ce = cross_entropy_forward(logits.reshape(targets.size, -1), targets)
+        loss, ce = cuda_kernels.cross_entropy_forward(logits.reshape(targets.size, -1), targets)
         return loss, ComposedCache(linear, ce)
     N, V = work.shape
     if N and not 0 <= int(targets.min()) <= int(targets.max()) < V:
@@ -161,11 +164,12 @@ def linear_cross_entropy_backward(dloss, cache, dW_out=None):
         dx = dlogits @ W,   dW = dlogits.T @ x,   db = dlogits summed over positions
 
     made chunk by chunk (see the module's docstring).  The cache is only
-    read.  dW_out, if given, is a (V, C) array that receives dW.
+    read.  dW_out, if given, is a (V, C) NumPy array that receives dW (on
+    CuPy, whose memory pool makes allocating cheap, it is not used).
     """
     if isinstance(cache, ComposedCache):
-        dlogits = cross_entropy_backward(dloss, cache.loss)  # (N, V)
-        return linear_backward(dlogits.reshape(cache.linear.x.shape[:-1] + (-1,)), cache.linear, dW_out=dW_out)
+        dlogits = cuda_kernels.cross_entropy_backward(dloss, cache.loss)  # (N, V)
+        return linear_backward(dlogits.reshape(cache.linear.x.shape[:-1] + (-1,)), cache.linear)
     x, W = cache.x, cache.W
     (V, C), N = W.shape, cache.work.shape[0]
     dW = np.empty((V, C), x.dtype) if dW_out is None else dW_out  # (V, C)

@@ -3,14 +3,15 @@
 Each function computes what its plain twin computes, with the same inputs,
 outputs and cache, in one or two kernel launches instead of a dozen passes
 over memory; tests/test_cuda_kernels.py proves every pair agrees.  The plain
-kernels call these through ``backend.fused_kernels(...)``, which imports this
-module only for CuPy arrays and only while ``backend.use_fused_kernels`` is on
-(``NANOGRAD_FUSED=0`` turns it off), so NumPy never reaches this file.
+kernels never call these: FastModel (nanograd/fast/model.py) and FastAdamW
+(nanograd/fast/adamw.py) do, on CuPy arrays, in place of
 
-    layernorm_forward / layernorm_backward          one block per row (+ column sums for dw, db)
-    causal_softmax_forward / causal_softmax_backward  one warp per row of attention scores
-    cross_entropy_forward / cross_entropy_backward  one block per row of V logits
-    adamw_update                                    one elementwise kernel per parameter
+    nanograd.layernorm_forward / _backward       one block per row (+ column sums for dw, db)
+    nanograd.attention.causal_softmax_forward / _backward   one warp per row of attention scores
+    nanograd.attention_forward / _backward       the plain attention with the softmax above
+    nanograd.cross_entropy_forward / _backward   one block per row of V logits
+    nanograd.adamw.adamw_update                  adamw_update (one parameter) and AdamWTables
+                                                 (every parameter in one launch, for FastAdamW)
 
 The CUDA source is written once for a type ``real`` and compiled, on first
 use, for float or double (CuPy also keeps the binaries in its disk cache).
@@ -21,10 +22,16 @@ cross-entropy backwards have no sums: each of their operations is rounded on
 its own, as in the plain kernels, so they agree bit for bit.
 """
 import functools
+import re
 
 import numpy as np
 
-from .backend import cupy
+from ..attention import AttentionCache, merge_heads, project_heads
+from ..backend import cupy
+from ..cross_entropy import CrossEntropyCache
+from ..dropout import dropout_backward, dropout_forward
+from ..ids import check_ids
+from ..layernorm import EPS, LayerNormCache
 
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _ROWS_PER_WARP_BLOCK = 4  # causal softmax: warps (rows) per block of 128 threads
@@ -222,22 +229,60 @@ extern "C" __global__ void cross_entropy_backward(
 }
 """
 
+# ---- AdamW over every parameter in one launch ------------------------------------------
 # nanograd.adamw.adamw_update line for line, in the same order, each operation
-# rounded to T on its own as CuPy's one-operation kernels round it: compiled
-# with --fmad=false so that no multiply and add are fused into one rounding.
-_ADAMW = (
-    "T g, T decay, T one_minus_beta1, T beta2, T one_minus_beta2, T bias_correction2_sqrt, "
-    "T eps, T step_size",
-    "T p, T m, T v",
-    """
-    p = p * decay;
-    m = m + one_minus_beta1 * (g - m);
-    v = v * beta2;
-    v = v + one_minus_beta2 * g * g;
-    T denom = sqrt(v) / bias_correction2_sqrt + eps;
-    p = p - step_size * (m / denom);
-    """,
-)
+# rounded to `real` on its own as CuPy's one-operation kernels round it: this
+# module is compiled with --fmad=false, so no multiply and add fuse into one
+# rounding.  Block b updates elements first[b] .. first[b] + chunk - 1 of tensor
+# tensor[b]; ptrs holds 4 rows of `tensors` addresses: p, g, m, v.  Each block
+# also writes the sum of its gradient elements' squares (for the global norm),
+# so the norm is one sum over blocks in a fixed order: no atomics.
+_ADAMW_SOURCE = r"""
+extern "C" __global__ void adamw_multi(
+        const long long* ptrs, int tensors, const long long* sizes, const int* block_tensor,
+        const long long* block_first, int chunk, real* squares,
+        real decay, real one_minus_beta1, real beta2, real one_minus_beta2,
+        real bias_correction2_sqrt, real eps, real step_size) {
+    __shared__ real shared[32];
+    int k = block_tensor[blockIdx.x];
+    real* p = (real*)ptrs[k];
+    const real* g = (const real*)ptrs[tensors + k];
+    real* m = (real*)ptrs[2 * tensors + k];
+    real* v = (real*)ptrs[3 * tensors + k];
+    long long first = block_first[blockIdx.x];
+    long long last = first + chunk < sizes[k] ? first + chunk : sizes[k];
+    real sq = 0;
+    for (long long i = first + threadIdx.x; i < last; i += blockDim.x) {
+        real gi = g[i], pi = p[i], mi = m[i], vi = v[i];
+        sq += gi * gi;
+        pi = pi * decay;
+        mi = mi + one_minus_beta1 * (gi - mi);
+        vi = vi * beta2;
+        vi = vi + one_minus_beta2 * gi * gi;
+        real denom = sqrt_(vi) / bias_correction2_sqrt + eps;
+        pi = pi - step_size * (mi / denom);
+        p[i] = pi;
+        m[i] = mi;
+        v[i] = vi;
+    }
+    sq = block_sum(sq, shared);
+    if (threadIdx.x == 0) squares[blockIdx.x] = sq;
+}
+"""
+ADAMW_CHUNK = 1 << 14  # elements per block of adamw_multi: 137 parameters of the book's model -> ~1,100 blocks
+ADAMW_THREADS = 256
+ADAMW_OPTIONS = ("--fmad=false",)
+
+
+def compile_units():
+    """Every CUDA source this module compiles, as (label, source, NVRTC options, kernel names
+    the Python side launches): benchmarks/compile_kernels.py compiles each without a GPU."""
+    with open(__file__, encoding="utf-8") as f:  # the names this file's _kernel(...) calls ask for
+        rows = tuple(dict.fromkeys(re.findall(r'_kernel\("(\w+)"', f.read())))
+    return [unit for ctype in ("float", "double") for unit in (
+        (f"cuda_kernels ({ctype})", f"typedef {ctype} real;\n{_SOURCE}", (), rows),
+        (f"adamw_multi ({ctype})", f"typedef {ctype} real;\n{_SOURCE}{_ADAMW_SOURCE}", ADAMW_OPTIONS,
+         ("adamw_multi",)))]
 
 
 @functools.lru_cache(maxsize=None)
@@ -252,8 +297,10 @@ def _kernel(name, dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def _adamw_kernel():
-    return cupy.ElementwiseKernel(*_ADAMW, name="nanograd_adamw", options=("--fmad=false",))
+def _adamw_kernel(dtype):
+    ctype = _CTYPES[np.dtype(dtype)]
+    module = cupy.RawModule(code=f"typedef {ctype} real;\n{_SOURCE}{_ADAMW_SOURCE}", options=ADAMW_OPTIONS)
+    return module.get_function("adamw_multi")
 
 
 def _threads(n, most):
@@ -270,9 +317,8 @@ def _launch(kernel, blocks, threads, args):
 
 # ---- LayerNorm ------------------------------------------------------------------------
 
-def layernorm_forward(x, w, b, eps):
+def layernorm_forward(x, w, b, eps=EPS):
     """nanograd.layernorm.layernorm_forward in one kernel: (out, LayerNormCache)."""
-    from .layernorm import LayerNormCache
     C = x.shape[-1]
     N = x.size // C if C else 0
     real = x.dtype.type
@@ -328,6 +374,38 @@ def causal_softmax_backward(datt, att):
     return dpreatt
 
 
+def attention_forward(x, Wq, Wk, Wv, dropout_p=0.0, rng=None, train=True):
+    """nanograd.attention.attention_forward with causal_softmax_forward above: (out, AttentionCache)."""
+    B, T, C = x.shape
+    NH, hs, _ = Wq.shape
+    q, k, v = project_heads(x, Wq), project_heads(x, Wk), project_heads(x, Wv)  # (B, NH, T, hs) each
+    preatt = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / hs ** 0.5)  # (B, NH, T, T)
+    att = causal_softmax_forward(preatt)  # (B, NH, T, T) one kernel
+    att_drop, dropout_cache = dropout_forward(att, dropout_p, rng, train)  # (B, NH, T, T)
+    out = merge_heads(att_drop @ v).reshape(B, T, NH * hs)  # (B, T, NH*hs)
+    return out, AttentionCache(x, Wq, Wk, Wv, q, k, v, att, dropout_cache)
+
+
+def attention_backward(dout, cache):
+    """nanograd.attention.attention_backward with causal_softmax_backward above: (dx, dWq, dWk, dWv)."""
+    x, Wq, Wk, Wv, q, k, v, att, dropout_cache = cache
+    B, T, C = x.shape
+    NH, hs, _ = Wq.shape
+    scale = 1.0 / hs ** 0.5
+    dy = dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
+    att_drop = att if dropout_cache.keep is None else att * dropout_cache.keep  # (B, NH, T, T)
+    datt = dropout_backward(dy @ v.transpose(0, 1, 3, 2), dropout_cache)  # (B, NH, T, T)
+    dv = att_drop.transpose(0, 1, 3, 2) @ dy  # (B, NH, T, hs)
+    dpreatt = causal_softmax_backward(datt, att)  # (B, NH, T, T) one kernel
+    dq = (dpreatt @ k) * scale  # (B, NH, T, hs)
+    dk = (dpreatt.transpose(0, 1, 3, 2) @ q) * scale  # (B, NH, T, hs)
+    x_rows = x.reshape(B * T, C)  # (B*T, C)
+    rows = [merge_heads(d) for d in (dq, dk, dv)]  # (B*T, NH*hs) each
+    dWq, dWk, dWv = [(d.T @ x_rows).reshape(NH, hs, C) for d in rows]  # (NH, hs, C) each
+    dx = sum(d @ W.reshape(NH * hs, C) for d, W in zip(rows, (Wq, Wk, Wv)))  # (B*T, C)
+    return dx.reshape(B, T, C), dWq, dWk, dWv
+
+
 # ---- softmax cross-entropy ------------------------------------------------------------
 
 def _cross_entropy_rows(logits, targets, out, normalize):
@@ -351,9 +429,10 @@ def _scale(dloss, N, dtype):
 def cross_entropy_forward(logits, targets):
     """nanograd.cross_entropy.cross_entropy_forward in one kernel and a mean: (loss, cache).
 
-    A target outside 0..V-1 gives a NaN loss instead of reading outside the row.
+    A target outside 0..V-1 raises IndexError, as the plain kernel does (the
+    CUDA kernel itself would give a NaN loss rather than read outside the row).
     """
-    from .cross_entropy import CrossEntropyCache
+    check_ids(targets, logits.shape[-1], "target ids")
     probs = cupy.empty(logits.shape, dtype=logits.dtype)  # (N, V)
     loss, _, targets = _cross_entropy_rows(logits, targets, probs, normalize=True)
     return loss, CrossEntropyCache(probs, targets)
@@ -372,12 +451,66 @@ def cross_entropy_backward(dloss, cache):
 
 # ---- AdamW ----------------------------------------------------------------------------
 
+def block_table(sizes, chunk):
+    """adamw_multi's blocks for tensors of the given sizes, each cut into pieces of chunk
+    elements: (tensor of each block (int32), its first element (int64)).  An empty tensor has none."""
+    tensor = np.concatenate([np.full(-(-n // chunk), k, np.int32) for k, n in enumerate(sizes)] +
+                            [np.empty(0, np.int32)])  # (blocks,)
+    first = np.concatenate([np.arange(0, n, chunk, dtype=np.int64) for n in sizes] +
+                           [np.empty(0, np.int64)])  # (blocks,)
+    return tensor, first
+
+
+class AdamWTables:
+    """The tables adamw_multi reads for a fixed list of parameters and their moments, made once.
+
+    tables.step(grads, ...) then updates every parameter in one launch.  p, m and
+    v must be C-contiguous CuPy arrays of one dtype that outlive the tables (their
+    addresses are kept); the gradients' addresses are uploaded at each step.
+    """
+
+    def __init__(self, params, ms, vs):
+        arrays = [*params, *ms, *vs]
+        self.dtype = np.dtype(params[0].dtype) if params else np.dtype(np.float32)
+        if any(a.dtype != self.dtype or not a.flags.c_contiguous for a in arrays):
+            raise ValueError("AdamWTables needs C-contiguous parameters and moments of one dtype")
+        if any(m.shape != p.shape or v.shape != p.shape for p, m, v in zip(params, ms, vs)):
+            raise ValueError("each moment must have its parameter's shape")
+        self.arrays, self.n = arrays, len(params)
+        self.shapes = [p.shape for p in params]
+        self.ptrs = np.zeros(4 * self.n, np.int64)  # (4 * tensors,) rows p, g, m, v
+        for row, group in ((0, params), (2, ms), (3, vs)):
+            self.ptrs[row * self.n:(row + 1) * self.n] = [a.data.ptr for a in group]
+        sizes = [p.size for p in params]
+        tensor, first = block_table(sizes, ADAMW_CHUNK)
+        self.sizes = cupy.asarray(np.array(sizes, np.int64))  # (tensors,)
+        self.block_tensor, self.block_first = cupy.asarray(tensor), cupy.asarray(first)  # (blocks,) x 2
+        self.squares = cupy.zeros(len(tensor), self.dtype)  # (blocks,)
+
+    def step(self, grads, lr, beta1, beta2, eps, weight_decay, t):
+        """adamw_update of every parameter from grads (a list in the parameters' order), in
+        one launch.  Returns the per-block sums of the gradients' squares (a device array:
+        their sum is the squared global norm)."""
+        if len(grads) != self.n or any(g.shape != s for g, s in zip(grads, self.shapes)):
+            raise ValueError("one gradient per parameter, with its shape, in the parameters' order")
+        grads = [cupy.ascontiguousarray(g, dtype=self.dtype) for g in grads]
+        self.ptrs[self.n:2 * self.n] = [g.data.ptr for g in grads]
+        ptrs = cupy.asarray(self.ptrs)  # (4 * tensors,) one copy to the device
+        real = self.dtype.type
+        _launch(_adamw_kernel(self.dtype), (len(self.squares),), ADAMW_THREADS,
+                (ptrs, np.int32(self.n), self.sizes, self.block_tensor, self.block_first,
+                 np.int32(ADAMW_CHUNK), self.squares, real(1 - lr * weight_decay), real(1 - beta1),
+                 real(beta2), real(1 - beta2), real((1 - beta2 ** t) ** 0.5), real(eps),
+                 real(lr / (1 - beta1 ** t))))
+        self.grads = grads  # kept to the next step: the kernel may still be reading them
+        return self.squares
+
+
 def adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
-    """nanograd.adamw.adamw_update in one kernel: p, m, v updated in place from g.
+    """nanograd.adamw.adamw_update in one kernel: p, m, v (C-contiguous) updated in place from g.
 
     The scalars are the plain version's Python floats, each rounded to p's
-    dtype as CuPy rounds a Python float that meets an array.
+    dtype as CuPy rounds a Python float that meets an array.  (FastAdamW keeps
+    one AdamWTables for all its parameters instead of this one-parameter one.)
     """
-    real = p.dtype.type
-    _adamw_kernel()(g, real(1 - lr * weight_decay), real(1 - beta1), real(beta2), real(1 - beta2),
-                    real((1 - beta2 ** t) ** 0.5), real(eps), real(lr / (1 - beta1 ** t)), p, m, v)
+    AdamWTables([p], [m], [v]).step([g], lr, beta1, beta2, eps, weight_decay, t)

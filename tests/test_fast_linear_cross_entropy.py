@@ -1,4 +1,4 @@
-"""Tests for nanograd/linear_cross_entropy.py: the output layer and the loss, fused and chunked.
+"""Tests for nanograd/fast/linear_cross_entropy.py: the output layer and the loss, fused and chunked.
 
 The reference is the textbook pair it replaces, linear_forward then
 cross_entropy_forward (each proven against torch in its own tests), and
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-import nanograd.linear_cross_entropy as lce
+import nanograd.fast.linear_cross_entropy as lce
 from nanograd.backend import to_host
 from nanograd.cross_entropy import cross_entropy_backward, cross_entropy_forward
 from nanograd.linear import linear_backward, linear_forward
-from nanograd.linear_cross_entropy import linear_cross_entropy_backward, linear_cross_entropy_forward
+from nanograd.fast.linear_cross_entropy import linear_cross_entropy_backward, linear_cross_entropy_forward
 
 # float64: the same sums as the pair's in another order (per chunk, then across
 # chunks after rescaling by exp(max_c - M)), ~1e-15 relative; rtol 1e-10 leaves
