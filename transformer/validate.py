@@ -78,10 +78,12 @@ def parameter_tensor_count(h):
 
 def model_bytes(h, itemsize):
     """Host bytes Model(h) takes while it is built: float64 initial values, the model's own
-    arrays, the per-block (3, NH, hs, C) stacks and the position table with its temporaries."""
+    arrays, the per-block stacks of the heads' weights, the position table with its temporaries,
+    and the Python objects around them."""
     C, NB, T = h["d_model"], h["num_blocks"], h["context_length"]
     P = parameter_count(h)
-    return P * (8 + itemsize) + NB * 3 * C * C * 8 + T * C * (24 + itemsize)
+    python_objects = 1024 * parameter_tensor_count(h) + 2**16  # array headers, names, dicts, per-block tuples
+    return P * (8 + itemsize) + NB * 3 * C * C * 8 + T * C * (24 + itemsize) + python_objects
 
 
 def training_bytes(h, itemsize, batch_size, accum_steps=1):
@@ -91,7 +93,7 @@ def training_bytes(h, itemsize, batch_size, accum_steps=1):
     B, P = batch_size, parameter_count(h)
     per_block = B * T * 24 * C + 2 * B * NH * T * T  # LayerNorm, q/k/v, ffn activations; scores and weights
     state = P * (3 + (accum_steps > 1))  # gradients, m, v (+ their running sum)
-    head = B * T * V + B * T * C * 4  # the fused output layer's (B*T, V) work buffer, the final LayerNorm
+    head = 4 * B * T * V + B * T * C * 4  # logits, probabilities, their gradient, a work buffer; final LayerNorm
     return model_bytes(h, itemsize) + (state + NB * per_block + head) * itemsize + B * T * 8 * 4
 
 
