@@ -29,8 +29,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
             if stop is not None and stop():
                 break
             window = idx[:, -model.context_length:]  # (B, <=T)
-            if not kv_cache:  # the book's loop: the whole window through the model
-                logits = model(window)[0][:, -1]  # (B, V)
+            if not kv_cache:  # the book's loop: the whole window through the blocks, every step
+                logits = KVCache(model, len(idx)).run(window)  # (B, V) a fresh cache: nothing reused
             elif cache is not None and idx.shape[1] <= model.context_length:
                 logits = cache.run(window[:, -1:])  # (B, V) only the newest position
             else:
