@@ -17,6 +17,7 @@ import struct
 import numpy as np
 
 from .errors import CheckpointError
+from .outputs import replacing
 from .validate import check_memory, read_file, short, size_text
 
 MAGIC = b"\x89NGCKPT\n"  # non-ASCII first byte: never text; "\n" catches newline mangling
@@ -79,24 +80,15 @@ def save_checkpoint(path, tensors, meta):
     header = _header(tensors, meta)  # validates everything before a file is made
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            digest = hashlib.sha256()
-            prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header))
-            for chunk in itertools.chain([prefix, header], map(_tensor_bytes, tensors.values())):
-                digest.update(chunk)
-                f.write(chunk)
-            f.write(digest.digest())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        digest = hashlib.sha256()
+        prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header))
+        for chunk in itertools.chain([prefix, header], map(_tensor_bytes, tensors.values())):
+            digest.update(chunk)
+            f.write(chunk)
+        f.write(digest.digest())
+        f.flush()
+        os.fsync(f.fileno())
     _fsync_dir(folder)
 
 

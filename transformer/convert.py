@@ -17,6 +17,7 @@ from .errors import CheckpointError, OneLineParser, UserError, run_command
 from .checkpoint import MAGIC
 from . import validate
 from .model import Model, parameter_shapes
+from .outputs import check_writable_folder, replacing
 from .validate import check_h_params, check_memory, model_bytes, read_file, size_text
 from .state import build_model, load_state, save_state
 
@@ -106,30 +107,8 @@ def ours_to_book(src, dst):
     torch_model = book_torch.Model(meta["h_params"]).to(torch.float64 if model.dtype == np.float64 else torch.float32)
     book_torch.load_numpy_params(torch_model, {k: np.asarray(v) for k, v in model.params.items()})
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)  # as save_checkpoint does
-    tmp = f"{dst}.tmp.{os.getpid()}"
-    try:
+    with replacing(dst) as tmp:
         torch.save({"model_state_dict": torch_model.state_dict(), "h_params": dict(meta["h_params"])}, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def check_dst(dst):
-    """UserError unless a file can be written at dst (its missing folders are created): found
-    before converting, so a bad path costs no work and leaves nothing behind."""
-    if os.path.isdir(dst):
-        raise UserError(f"{dst} is a directory; give a file path such as {os.path.join(dst, 'model.ckpt')}")
-    folder = os.path.dirname(os.path.abspath(dst))
-    while not os.path.exists(folder):  # the nearest folder that exists; the rest will be created
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise UserError(f"{dst} cannot be created because {folder} is a file; choose another path")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"{dst} cannot be written: no write permission in {folder}; choose another path")
 
 
 def is_ours(path):
@@ -153,7 +132,7 @@ def main(argv=None):
             raise UserError(f"{args.src} does not exist or is not a file; give a checkpoint path")
         if os.path.exists(args.dst) and not args.force:
             raise UserError(f"{args.dst} exists; choose another path or pass --force to overwrite it")
-        check_dst(args.dst)
+        check_writable_folder(args.dst, flag="")  # before converting: a bad path costs no work
         try:
             import torch  # noqa: F401
         except ImportError:

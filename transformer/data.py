@@ -13,6 +13,7 @@ import sysconfig
 import numpy as np
 
 from .errors import UserError
+from .outputs import replacing
 from .validate import read_file
 
 # Memory per byte of a text file: the bytes, the str, tiktoken's list of ids and their int64 array.
@@ -118,17 +119,12 @@ def default_corpus() -> str:
     except (OSError, UnicodeDecodeError, UserError):
         pass
     text = build_default_corpus()
-    tmp = f"{path}.tmp.{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
+        with replacing(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
-        os.replace(tmp, path)
     except OSError:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
+        pass
     return text
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from nanograd.backend import BackendError, get_backend, to_host
 
 from .errors import OneLineParser, UserError, run_command
-from .outputs import DEFAULT_OUT, check_default_folder, check_not_special
+from .outputs import DEFAULT_OUT, check_default_folder, check_not_special, replacing
 from .state import build_model, load_state
 from .tokenizer import encode_prompt, get_tokenizer
 
@@ -96,14 +96,11 @@ def draw(maps, labels, out_dir):
 
 def save_png(plt, fig, path, dpi):
     """Write fig to path through a temporary file and a rename (a link there is replaced, not followed)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
     try:
         check_not_special(path, "the image")
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
     except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise UserError(f"cannot write {path} ({e.strerror}); choose another --out-dir") from e
     finally:
         plt.close(fig)

@@ -11,6 +11,7 @@ beside it and, while it runs, the lock file `<stem>.run.lock`, where `<stem>` is
 without its extension. Two checkpoints with one stem share a metrics file, so the lock is
 taken on the stem. docs/robustness.md lists what each refusal says.
 """
+import contextlib
 import errno
 import fcntl
 import glob
@@ -65,19 +66,37 @@ def check_default_folder(path):
                         "or give another --out")
 
 
-def check_writable_folder(out):
-    """UserError unless a checkpoint can be created at out (its folders made on the way)."""
+def check_writable_folder(out, flag="--out"):
+    """UserError unless a file can be created at out (its missing folders made on the way),
+    found before any work.  flag names the option in the message ("" for a plain argument)."""
+    named = f"{flag} {out}" if flag else f"{out}"
+    other = f"another {flag}" if flag else "another path"
     if os.path.isdir(out):
-        raise UserError(f"--out {out} is a directory; give a file path such as "
+        raise UserError(f"{named} is a directory; give a file path such as "
                         f"{os.path.join(out, 'model.ckpt')}")
     folder = os.path.dirname(os.path.abspath(out))
     while not os.path.exists(folder):  # the nearest folder that exists; the rest will be created
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
-        raise UserError(f"--out {out} cannot be created because {folder} is a file; choose another --out")
+        raise UserError(f"{named} cannot be created because {folder} is a file; choose {other}")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out} cannot be written: no write permission in {folder}; "
-                        "choose another --out")
+        raise UserError(f"{named} cannot be written: no write permission in {folder}; choose {other}")
+
+
+@contextlib.contextmanager
+def replacing(path):
+    """with replacing(path) as tmp: write tmp.  On success tmp replaces path (os.replace, so a
+    reader never sees half a file and a link at path is replaced, not followed); on any failure
+    tmp is removed and path is untouched.  tmp is <path>.tmp.<pid>, the name remove_stale_temps
+    cleans up after a killed process."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def pid_alive(pid):

@@ -15,7 +15,7 @@ import os
 import sys
 
 from .errors import OneLineParser, UserError, run_command
-from .outputs import check_not_special, same_file
+from .outputs import check_not_special, replacing, same_file
 from .validate import is_real, read_file
 
 METRICS_BYTES_PER_BYTE = 40  # a 60-byte JSON line becomes a dict of a few floats: about 1 kB
@@ -92,15 +92,10 @@ def plot(records, out, title=None):
         ax.grid(True, alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        tmp = f"{out}.tmp.{os.getpid()}"  # written whole, then renamed: a failed write leaves out alone
         try:
-            fig.savefig(tmp, format="png")
-            os.replace(tmp, out)
+            with replacing(out) as tmp:  # written whole, then renamed: a failed write leaves out alone
+                fig.savefig(tmp, format="png")
         except OSError as e:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
             raise UserError(f"cannot write {out} ({e.strerror}); check that its folder exists "
                             "and is writable") from e
     finally:
