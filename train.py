@@ -34,7 +34,8 @@ import numpy as np
 from nanograd import AdamW
 from nanograd.backend import BackendError, get_backend, make_rng, to_host
 from nanograd.clip import clip_grad_norm
-from nanograd.fast import FastAdamW, FastModel
+from nanograd.fast import FastAdamW
+from transformer.fast_model import FastModel
 from nanograd.fast.mpi import (GradientSync, NoOutputs, abort_on_error, accum_per_rank, fingerprint,
                                from_environment, quiet_unless_first)
 from nanograd.fast.threads import cpu_threads

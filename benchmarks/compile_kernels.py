@@ -33,7 +33,7 @@ LAUNCH_TOL = {"float32": 1e-5, "float64": 1e-12}
 
 def compile_units():
     """(label, CUDA source, NVRTC options, names the Python side launches) for every source."""
-    from nanograd import counter_rng
+    from nanograd.fast import counter_rng
     from nanograd.fast import cuda_kernels
     return cuda_kernels.compile_units() + [
         ("counter_rng", counter_rng.SOURCE, (), counter_rng.KERNELS)]
@@ -96,7 +96,7 @@ def agree(name, got, want, dtype, failures):
 
 def launch_all(cp):
     """Run each CUDA kernel once per dtype on tiny inputs against NumPy; returns the failures."""
-    from nanograd import counter_rng
+    from nanograd.fast import counter_rng
     from nanograd.fast import cuda_kernels as ck
     from nanograd.adamw import adamw_update
     from nanograd.attention import causal_softmax_backward, causal_softmax_forward

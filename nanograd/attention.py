@@ -70,23 +70,25 @@ def causal_softmax_backward(datt, att):
     return att * (datt - (datt * att).sum(axis=-1, keepdims=True))  # (..., T, T)
 
 
-def attention_forward(x, Wq, Wk, Wv, dropout_p=0.0, rng=None, train=True):
+def attention_forward(x, Wq, Wk, Wv, dropout_p=0.0, rng=None, train=True, softmax=causal_softmax_forward):
     """x (B, T, C), Wq/Wk/Wv (NH, hs, C) -> out (B, T, NH*hs).
 
     Cache: x, the weights, q, k, v, the softmax weights att, the dropout mask.
+    softmax: the causal softmax above (nanograd.fast.cuda_kernels passes its
+    one-kernel twin; the walk is the same).
     """
     B, T, C = x.shape
     NH, hs, _ = Wq.shape
     q, k, v = project_heads(x, Wq), project_heads(x, Wk), project_heads(x, Wv)  # (B, NH, T, hs) each
     preatt = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / hs ** 0.5)  # (B, NH, T, T)
-    att = causal_softmax_forward(preatt)  # (B, NH, T, T)
+    att = softmax(preatt)  # (B, NH, T, T)
     att_drop, dropout_cache = dropout_forward(att, dropout_p, rng, train)  # (B, NH, T, T)
     y = att_drop @ v  # (B, NH, T, hs)
     out = merge_heads(y).reshape(B, T, NH * hs)  # (B, T, NH*hs)
     return out, AttentionCache(x, Wq, Wk, Wv, q, k, v, att, dropout_cache)
 
 
-def attention_backward(dout, cache):
+def attention_backward(dout, cache, softmax_backward=causal_softmax_backward):
     """Gradients (dx, dWq, dWk, dWv), walking the forward in reverse (docs/attention.md).
 
     y = att_drop @ v         ->  datt_drop = dy @ v.T,  dv = att_drop.T @ dy
@@ -106,7 +108,7 @@ def attention_backward(dout, cache):
     datt_drop = dy @ v.transpose(0, 1, 3, 2)  # (B, NH, T, T)
     dv = att_drop.transpose(0, 1, 3, 2) @ dy  # (B, NH, T, hs)
     datt = dropout_backward(datt_drop, dropout_cache)  # (B, NH, T, T)
-    dpreatt = causal_softmax_backward(datt, att)  # (B, NH, T, T)
+    dpreatt = softmax_backward(datt, att)  # (B, NH, T, T)
     dq = (dpreatt @ k) * scale  # (B, NH, T, hs)
     dk = (dpreatt.transpose(0, 1, 3, 2) @ q) * scale  # (B, NH, T, hs)
     # q, k and v are three linear projections of the same x: each gives its weights a

@@ -309,7 +309,7 @@ CRASH = """
 import os, sys
 sys.path.insert(0, REPO)
 import train
-from nanograd.fast import FastModel
+from transformer.fast_model import FastModel
 from transformer.errors import run_command
 
 if os.environ.get("PMI_RANK") == "1":  # a bug on rank 1 alone, at its third backward

@@ -227,7 +227,8 @@ def test_model_bytes_bounds_what_building_a_model_allocates():
 def test_training_and_generation_bytes_bound_what_they_allocate(dtype, accum, fast):
     """A training step (forward, backward, AdamW, on train.py's fast model or its --reference
     one) and a generation stay under their estimates: settings that fit are never refused."""
-    from nanograd.fast import FastAdamW, FastModel
+    from nanograd.fast import FastAdamW
+    from transformer.fast_model import FastModel
     model_class, adamw_class = (FastModel, FastAdamW) if fast else (Model, AdamW)
     h = {**H, "d_model": 32, "num_heads": 4, "context_length": 32, "max_token_value": 500}
     B, itemsize = 4, np.dtype(dtype).itemsize

@@ -8,9 +8,7 @@ import os
 import signal
 import sys
 
-
-class UserError(Exception):
-    """Bad user input; str() is one sentence saying what is wrong and what to do."""
+from nanograd.errors import UserError  # noqa: F401  (defined at the bottom layer; raised everywhere)
 
 
 class CheckpointError(UserError):

@@ -40,7 +40,7 @@ import traceback
 import numpy as np
 
 from nanograd.backend import BackendError, get_array_module
-from transformer.errors import UserError
+from ..errors import UserError
 
 # Seconds between a failing rank's last message and MPI_Abort: the launcher forwards each rank's
 # output through a pipe and stops when the job is aborted, so a traceback written just before
