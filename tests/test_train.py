@@ -24,6 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # train.py is a script at the repository root, not part of the installed packages
     sys.path.insert(0, REPO)
 import train  # noqa: E402
+from transformer.evaluation import full_loss  # noqa: E402
 TINY = ["--d-model", "16", "--num-blocks", "1", "--num-heads", "2", "--context-length", "16",
         "--batch-size", "4", "--max-iters", "30", "--eval-interval", "10", "--eval-iters", "2",
         "--learning-rate", "3e-3", "--no-progress"]
@@ -216,7 +217,7 @@ def test_full_loss_is_the_mean_over_every_token(length):
     h = dict(d_model=8, num_blocks=1, num_heads=2, context_length=8, dropout=0.0, max_token_value=13)
     model = Model(h, dtype="float64", seed=1).eval()
     data = np.random.default_rng(length).integers(0, 13, size=length)  # (N,)
-    full = train.full_loss(model, data, 8, batch_size=4)
+    full = full_loss(model, data, 8, batch_size=4)
     assert full == pytest.approx(per_token_mean_loss(model, data, 8), rel=LOSS_RTOL)
     if length <= 9:  # one window: one long pass
         assert full == pytest.approx(model(data[:-1][None], data[1:][None])[1], rel=LOSS_RTOL)
@@ -360,7 +361,8 @@ def test_checkpoints_are_written_beside_the_loop_from_a_still_state(corpus, tmp_
         save_checkpoint(path, tensors, meta)
         unchanged = all(np.array_equal(before[name], array) for name, array in tensors.items())
         saves.append((meta["step"], threading.current_thread() is threading.main_thread(), unchanged))
-    monkeypatch.setattr(train, "save_checkpoint", slow_save)
+    from transformer import saving
+    monkeypatch.setattr(saving, "save_checkpoint", slow_save)
     run_main(["--data", corpus, *TINY, "--out", tmp_path / "m.ckpt"], capsys)
     assert saves == [(10, False, True), (20, False, True), (30, False, True)]
     assert load_state(tmp_path / "m.ckpt")[1]["step"] == 30
@@ -372,7 +374,8 @@ def test_a_failed_save_is_one_sentence(corpus, tmp_path, capsys, monkeypatch, at
         if meta["step"] == at_step:
             raise OSError(28, "No space left on device")
         save_checkpoint(path, tensors, meta)
-    monkeypatch.setattr(train, "save_checkpoint", full_disk)
+    from transformer import saving
+    monkeypatch.setattr(saving, "save_checkpoint", full_disk)
     out = tmp_path / "m.ckpt"
     assert train.main([str(a) for a in ["--data", corpus, *TINY, "--out", out]]) == 2
     err = capsys.readouterr().err
