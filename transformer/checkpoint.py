@@ -41,7 +41,7 @@ CHUNK = 1 << 20
 def _little_endian(array):
     """C-order little-endian array with array's values: the array itself when it already is one
     (on x86 and ARM it is), so safetensors writes a 32 MB tensor without a copy."""
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")  # ascontiguousarray makes 0-d 1-d
 
 
 def _metadata(meta):
