@@ -35,6 +35,7 @@ JSON_BYTES_PER_BYTE = 40  # Python objects parsed from one byte of JSON, at wors
 DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32",
           "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16", "F32": "float32",
           "F64": "float64"}  # safetensors' names of the dtypes NumPy has
+MAX_NDIM = 32  # NumPy allows 64; no tensor of a model has more than a few
 CHUNK = 1 << 20
 
 
@@ -199,10 +200,14 @@ def load_checkpoint(path):
         with safe_open(path, framework="numpy") as st:
             meta = _meta(path, st.metadata() or {})
             for name in st.keys():
-                dtype = st.get_slice(name).get_dtype()
+                entry = st.get_slice(name)
+                dtype, ndim = entry.get_dtype(), len(entry.get_shape())
                 if dtype not in DTYPES:
                     raise CheckpointError(f"tensor {short(name)} in checkpoint {path} has dtype {short(dtype)}, "
                                           "which NumPy has not; the file was edited or damaged")
+                if ndim > MAX_NDIM:
+                    raise CheckpointError(f"tensor {short(name)} in checkpoint {path} has a shape of {ndim} "
+                                          f"dimensions, beyond {MAX_NDIM}; the file was edited or damaged")
             tensors = {name: st.get_tensor(name) for name in st.keys()}  # writable copies
     except SafetensorError as e:  # checksum right, parse wrong: written by something else
         raise CheckpointError(f"checkpoint {path} is not a valid safetensors file ({str(e)[:120]}); "
