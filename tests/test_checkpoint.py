@@ -86,6 +86,13 @@ def test_safetensors_reads_it_and_the_layout_matches_the_spec(saved):
     assert metadata["sha256"] == hashlib.sha256(blob.replace(metadata["sha256"].encode(), b"0" * 64)).hexdigest()
 
 
+def test_the_file_gets_the_mode_any_new_file_gets(saved):
+    """safetensors creates its files 0600; a checkpoint is as readable as open() would make it."""
+    path, _ = saved
+    (path.parent / "plain").write_bytes(b"")
+    assert path.stat().st_mode == (path.parent / "plain").stat().st_mode
+
+
 def test_save_creates_parent_directory(tmp_path):
     path = tmp_path / "a" / "b" / "m.ckpt"
     save_checkpoint(str(path), {"x": np.ones(2)}, {})

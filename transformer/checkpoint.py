@@ -37,6 +37,8 @@ DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "
           "F64": "float64"}  # safetensors' names of the dtypes NumPy has
 MAX_NDIM = 32  # NumPy allows 64; no tensor of a model has more than a few
 CHUNK = 1 << 20
+_UMASK = os.umask(0o022)  # read once, while importing: os.umask can only be read by setting it
+os.umask(_UMASK)
 
 
 def _little_endian(array):
@@ -108,6 +110,7 @@ def save_checkpoint(path, tensors, meta):
     os.makedirs(folder, exist_ok=True)
     with replacing(path) as tmp:
         save_file({name: _little_endian(array) for name, array in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors makes it 0600; a file we write has open()'s mode
         with open(tmp, "r+b") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
             span = _digest_span(f.read(header_len))
