@@ -213,7 +213,7 @@ def load_checkpoint(path):
                                           f"dimensions, beyond {MAX_NDIM}; the file was edited or damaged")
             tensors = {name: st.get_tensor(name) for name in st.keys()}  # writable copies
     except SafetensorError as e:  # checksum right, parse wrong: written by something else
-        raise CheckpointError(f"checkpoint {path} is not a valid safetensors file ({str(e)[:120]}); "
+        raise CheckpointError(f"checkpoint {path} is not a valid safetensors file ({str(e)[:200]}); "
                               "the file was edited or damaged") from e
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path} ({e.strerror}); check its permissions") from e
