@@ -25,17 +25,15 @@ from safetensors.numpy import save_file
 from . import legacy_checkpoint
 from .errors import CheckpointError
 from .outputs import replacing
-from .validate import check_memory, open_regular, read_file, short, size_text
+from .validate import JSON_BYTES_PER_BYTE, MAX_NDIM, check_memory, open_regular, read_file, short, size_text
 
 FORMAT_VERSION = 2
 RESERVED = ("format_version", "sha256")  # metadata keys of the container, not of the caller's meta
 _UNSET = "0" * 64  # the digest's place while the file is hashed
 _DIGEST_KEY = b'"sha256":"'  # as serde_json writes the key; a value's own quotes are escaped
-JSON_BYTES_PER_BYTE = 40  # Python objects parsed from one byte of JSON, at worst ("{}," is a 64-byte dict)
 DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32",
           "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16", "F32": "float32",
           "F64": "float64"}  # safetensors' names of the dtypes NumPy has
-MAX_NDIM = 32  # NumPy allows 64; no tensor of a model has more than a few
 CHUNK = 1 << 20
 _UMASK = os.umask(0o022)  # read once, while importing: os.umask can only be read by setting it
 os.umask(_UMASK)

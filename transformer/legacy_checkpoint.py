@@ -16,7 +16,7 @@ import struct
 import numpy as np
 
 from .errors import CheckpointError
-from .validate import check_memory, short, size_text
+from .validate import JSON_BYTES_PER_BYTE, MAX_NDIM, check_memory, short, size_text
 
 MAGIC = b"\x89NGCKPT\n"  # non-ASCII first byte: never text; "\n" catches newline mangling
 VERSION = 1
@@ -24,8 +24,6 @@ DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32"
           "float16", "float32", "float64")
 _PREFIX = struct.Struct("<8sIQ")  # magic, version, header length: 20 bytes
 _DIGEST = 32  # sha256 of everything before it
-MAX_NDIM = 32  # NumPy allows 64; no tensor of a model has more than a few
-JSON_BYTES_PER_BYTE = 40  # Python objects parsed from one byte of JSON, at worst ("{}," is a 64-byte dict)
 MAX_DIM = 2**48  # one dimension's length: an empty tensor may claim any, NumPy refuses past 2**63
 
 

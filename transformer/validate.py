@@ -22,6 +22,8 @@ MEMORY_LIMIT_ENV = "NANOGRAD_MEMORY_LIMIT"  # bytes; caps the budget below the m
 TOKENIZER_IDS = 100277  # cl100k_base: ranks 0..100255 and special tokens up to 100276
 FLOATS = ("float32", "float64")
 MAX_SEED = 2**64  # seeds are NumPy SeedSequence entropy: 0 <= seed < 2**64
+JSON_BYTES_PER_BYTE = 40  # Python objects parsed from one byte of JSON, at worst ("{}," is a 64-byte dict)
+MAX_NDIM = 32  # a checkpoint's tensors: NumPy allows 64; no tensor of a model has more than a few
 
 
 # ---- memory ------------------------------------------------------------------------------
