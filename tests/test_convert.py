@@ -5,6 +5,7 @@ import os
 import pickle
 import re
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -293,3 +294,19 @@ def test_pytorch_to_pytorch_is_refused(tmp_path, capsys):
     assert main([str(tmp_path / "book.pt"), str(tmp_path / "again.pt")]) == 2
     assert "would be a PyTorch file too" in capsys.readouterr().err
     assert not (tmp_path / "again.pt").exists()
+
+
+def test_the_examples_of_docs_checkpoint_md_run(tmp_path, monkeypatch):
+    """The page's ```py examples (loading from NumPy, into the book's PyTorch Model, the checksum by
+    hand), run as written on a training checkpoint at model/model.ckpt and its weights-only export."""
+    monkeypatch.chdir(tmp_path)
+    trained_checkpoint(tmp_path / "model" / "model.ckpt")
+    assert main(["model/model.ckpt", "model.safetensors", "--weights-only"]) == 0
+    page = (Path(__file__).resolve().parent.parent / "docs" / "checkpoint.md").read_text()
+    examples = re.findall(r"```py\n(.*?)```", page, re.S)
+    assert len(examples) == 3
+    scope = {"Model": book_torch.Model}
+    for example in examples:
+        exec(example, scope)
+    assert scope["meta"]["adamw"]["t"] == 1 and "adamw.exp_avg.model_out_linear_layer.bias" in scope["tensors"]
+    assert scope["h_params"] == H and len(scope["digest"]) == 64
