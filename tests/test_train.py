@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from transformer.data import split, tokenize
 from transformer.model import Model, parameter_shapes
@@ -117,6 +118,9 @@ def test_checkpoint_loads_with_the_right_h_params(trained, corpus):
     model = build_model(tensors, meta)
     assert list(model.params) == list(parameter_shapes(expected))
     assert "vocab" not in tensors
+    stored = safetensors.numpy.load_file(ckpt)  # any safetensors reader: the book's names, AdamW's moments
+    assert all(np.array_equal(stored[name], tensors[name]) for name in model.params)
+    assert "adamw.exp_avg_sq.model_out_linear_layer.weight" in stored
     # the trained weights are not the initial ones, and the model still runs
     fresh = Model(expected, seed=1337)
     assert all(not np.array_equal(model.params[n], fresh.params[n]) for n in model.params)
@@ -157,7 +161,7 @@ def test_inference_prints_text_and_every_parameter(trained):
     tensors, meta = load_state(ckpt)
     expected = [(name, tuple(shape)) for name, shape in parameter_shapes(meta["h_params"]).items()]
     assert shapes == expected
-    assert count == sum(tensors[f"params/{name}"].size for name, _ in expected)
+    assert count == sum(tensors[name].size for name, _ in expected)
 
 
 # ---- --compact-vocab: a dense vocabulary, mapped back by inference ----------------------------
@@ -171,7 +175,7 @@ def test_compact_vocab_round_trip(corpus, tmp_path):
     tensors, meta = load_state(tmp_path / "c.ckpt")
     np.testing.assert_array_equal(tensors["vocab"], vocab)
     assert meta["h_params"]["max_token_value"] == len(vocab) < 50
-    assert tensors["params/model_out_linear_layer.weight"].shape == (len(vocab), 16)
+    assert tensors["model_out_linear_layer.weight"].shape == (len(vocab), 16)
 
     prompt, new, seed = "The class will", 30, 5
     out = run_script("inference.py", "--ckpt", "c.ckpt", "--prompt", prompt, "--max-new-tokens", new,
@@ -233,7 +237,7 @@ def test_float64_eval_full_and_resume(corpus, tmp_path, capsys):
     assert "float64" in out
     tensors, meta = load_state(first)
     assert meta["dtype"] == "float64" and meta["step"] == 10
-    assert tensors["params/model_out_linear_layer.weight"].dtype == np.float64
+    assert tensors["model_out_linear_layer.weight"].dtype == np.float64
 
     resumed = tmp_path / "resumed.ckpt"
     shutil.copy(first, resumed)
@@ -270,7 +274,7 @@ def test_grad_accumulation_averages_the_micro_batches(corpus, tmp_path, capsys):
         grads.append({name: g.copy() for name, g in model.backward().items()})  # backward reuses arrays
     for name in model.params:
         mean = (grads[0][name] + grads[1][name]) / 2
-        np.testing.assert_allclose(tensors[f"adamw/m/{name}"], 0.1 * mean, rtol=MOMENT_RTOL,
+        np.testing.assert_allclose(tensors[f"adamw.exp_avg.{name}"], 0.1 * mean, rtol=MOMENT_RTOL,
                                    atol=MOMENT_ATOL_SCALE * np.abs(mean).max(), err_msg=name)
 
 
@@ -288,7 +292,7 @@ def test_grad_clip_scales_every_gradient_before_adamw_sees_it(corpus, tmp_path, 
     norm = math.sqrt(sum(float(np.sum(g * g)) for g in grads.values()))
     assert norm > 0.01  # so the clip did scale
     for name, g in grads.items():
-        np.testing.assert_allclose(tensors[f"adamw/m/{name}"], 0.1 * g * (0.01 / (norm + 1e-6)), rtol=MOMENT_RTOL,
+        np.testing.assert_allclose(tensors[f"adamw.exp_avg.{name}"], 0.1 * g * (0.01 / (norm + 1e-6)), rtol=MOMENT_RTOL,
                                    atol=MOMENT_ATOL_SCALE * np.abs(g).max(), err_msg=name)
 
 
