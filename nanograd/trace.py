@@ -57,6 +57,16 @@ def function_tree(function):
     raise ValueError(f"cannot find the source of {code.co_name} in {code.co_filename}")
 
 
+def statement_source(function, line):
+    """The source of function's statement that starts on line (its first line only, for an if)."""
+    lines, definition = function_tree(function)
+    for statement in ast.walk(definition):
+        if isinstance(statement, ast.stmt) and statement.lineno == line:
+            last = statement.lineno if hasattr(statement, "body") else statement.end_lineno
+            return "\n".join(lines[line - 1:last])
+    raise ValueError(f"no statement of {function.__name__} starts on line {line}")
+
+
 def statement_lines(function):
     """{line: first line of the innermost statement of function's body that holds it}."""
     _, definition = function_tree(function)
@@ -314,18 +324,14 @@ def trace_case(case, seed=0):
     dout = upstream_gradient(case, out, seed)
     oracle = torch_gradients(case, cache, dout)
     steps, returned = run_line_by_line(case.backward, dout, cache)
-    lines, definition = function_tree(case.backward)
-    statements = {s.lineno: s for s in ast.walk(definition) if isinstance(s, ast.stmt)}
     rows = []
     for i, step in enumerate(steps):
-        statement = statements[step.line]
-        last = statement.end_lineno if not hasattr(statement, "body") else statement.lineno
-        source = "\n".join(lines[step.line - 1:last])
+        source = statement_source(case.backward, step.line)
         values = []
         for name, value in step.changed.items():
             later = [s.line for s in steps[i + 1:] if name in s.changed]
             values.append(compare(name, value, oracle)._replace(completed_on=later[-1] if later else None))
-        if isinstance(statement, ast.Return):
+        if source.lstrip().startswith("return"):
             values = [compare("d" + case.names[j], g, oracle) for j, g in zip(case.wrt, flatten(returned))]
         rows.append(Row(step.line, source, values))
     return rows, oracle
