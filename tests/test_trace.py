@@ -90,9 +90,10 @@ def appears_in(quoted, real):
     """Each run of quoted lines between `...` lines is a run of real's lines, in order; numbers aside
     (rounding may change their last digits from one machine to the next)."""
     quoted, real = [NUMBER.sub("#", line) for line in quoted], [NUMBER.sub("#", line) for line in real]
-    runs = "\n".join(quoted).split("\n...\n")
-    start = 0
-    for run in (r.split("\n") for r in runs):
+    runs, start = [[]], 0
+    for line in quoted:
+        runs.append([]) if line == "..." else runs[-1].append(line)
+    for run in filter(None, runs):
         found = [i for i in range(start, len(real) - len(run) + 1) if real[i:i + len(run)] == run]
         if not found:
             return False
