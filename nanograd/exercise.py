@@ -123,19 +123,45 @@ def imports(function):
     return [f"from {module} import {', '.join(names)}" for module, names in sorted(by_module.items())]
 
 
-def exercise_text(kernel):
-    """The exercise module for kernel, made from the reference backward's source."""
+def whole_body_blanked(lines, gradients):
+    """The lines from the first gradient line to the return as one `...`, after a list of the gradients to set."""
+    first = lines[gradients[0].lineno - 1]
+    indent = first[:len(first) - len(first.lstrip())]
+    wanted = []
+    for statement in gradients:
+        last = lines[statement.end_lineno - 1]
+        comment = last[last.index("#"):] if "#" in last[statement.end_col_offset:] else ""
+        names = ", ".join(n for n in written_names(statement) if is_gradient(n))
+        wanted.append(f"{indent}#     {names}  {comment}".rstrip())
+    return [f"{indent}# Your lines.  Set these gradients, in this order, with these names; --check",
+            f"{indent}# compares each with the reference's (a name listed twice: the reference builds",
+            f"{indent}# it in two steps, a partial then the whole; you may take fewer):",
+            *wanted, f"{indent}..."]
+
+
+def exercise_text(kernel, whole=False):
+    """The exercise module for kernel, made from the reference backward's source.
+
+    whole: the harder level, every line from the first gradient to the return blank.
+    """
     backward = make_case(kernel).backward
     lines, definition = function_tree(backward)
     body = lines[definition.lineno - 1:definition.end_lineno]
-    for statement in reversed(gradient_lines(backward)):  # from the end, so earlier line numbers hold
-        start, end = statement.lineno - definition.lineno, statement.end_lineno - definition.lineno
-        body[start:end + 1] = [blanked(lines, statement)]
+    gradients = gradient_lines(backward)
+    if whole:
+        start = gradients[0].lineno - definition.lineno
+        end = next(s for s in definition.body if isinstance(s, ast.Return)).lineno - definition.lineno
+        body[start:end] = whole_body_blanked(lines, gradients)
+    else:
+        for statement in reversed(gradients):  # from the end, so earlier line numbers hold
+            start, end = statement.lineno - definition.lineno, statement.end_lineno - definition.lineno
+            body[start:end + 1] = [blanked(lines, statement)]
     source = pathlib.Path(backward.__code__.co_filename).name
+    task = ("Replace the `...` with your lines, each gradient named as listed:" if whole else
+            "Replace each `...` with the right-hand side that computes the gradient on its\nleft:")
     header = f'''"""Exercise: write {backward.__name__} yourself (the reference: nanograd/{source}).
 
-Replace each `...` with the right-hand side that computes the gradient on its
-left: d + the forward's name, so dxhat is d loss / d xhat.  The forward is in
+{task} d + the forward's name, so dxhat is d loss / d xhat.  The forward is in
 nanograd/{source}; docs/exercises.md says how to practise.  Check your lines
 (the first wrong one is named) with
 
@@ -147,9 +173,9 @@ nanograd/{source}; docs/exercises.md says how to practise.  Check your lines
     return "\n".join([header.rstrip("\n"), *imports(backward), "", "", *body]) + "\n"
 
 
-def write_exercise(kernel, path):
+def write_exercise(kernel, path, whole=False):
     """Write kernel's exercise to path, refusing to replace an existing file (the learner's work)."""
-    text = exercise_text(kernel)
+    text = exercise_text(kernel, whole)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with open(path, "x") as f:
@@ -208,15 +234,29 @@ def difference(expected, got):
 
 def first_wrong(reference_values, learner_values, finished=True):
     """(line in your file or None, name, n, why) of the first value that differs; None when all agree
-    (or, when your function raised before finishing, when all it set before agree)."""
-    yours = {(name, n): (line, value) for line, name, n, value in learner_values}
+    (or, when your function raised before finishing, when all it set before agree).
+
+    The n-th value you give a name is compared with the reference's n-th; a gradient you build
+    in another number of steps than the reference is compared by its last value alone.
+    """
+    yours, count, reference_count = {}, {}, {}
+    for line, name, n, value in learner_values:
+        yours[(name, n)], count[name] = (line, value), n + 1
+    for _, name, n, _ in reference_values:
+        reference_count[name] = n + 1
     for _, name, n, expected in reference_values:
         if not isinstance(expected, np.ndarray):
             continue  # shapes and settings (B, T, C, xp) are not the exercise
-        if (name, n) not in yours:
+        if name not in count:
+            if not is_gradient(name):
+                continue  # you may rebuild forward values (xhat ...) under other names, or inline
             if not finished:
                 return None
-            return None, name, n, "is never set" if n == 0 else f"is set {n} times, the reference sets it more"
+            return None, name, n, "is never set"
+        if count[name] != reference_count[name]:
+            if n + 1 < reference_count[name]:
+                continue  # a partial value of the reference's
+            n = count[name] - 1  # your last value against the reference's last
         line, got = yours[(name, n)]
         why = difference(expected, got)
         if why is not None:
@@ -235,7 +275,7 @@ def check(kernel, path, seed=0, file=None):
     def run(backward):
         inputs = [a.copy() for a in case.inputs]  # fresh, so neither run can change the other's
         out, cache = case.forward(*inputs)
-        return run_line_by_line(backward, upstream_gradient(case, out, seed), cache)
+        return run_line_by_line(backward, upstream_gradient(out, seed), cache)
 
     reference_steps, reference_result = run(case.backward)
     raised = None
@@ -243,7 +283,9 @@ def check(kernel, path, seed=0, file=None):
         steps, result = run(learner)
     except Raised as e:
         raised, steps = e, e.steps
-    wrong = first_wrong(values_in_order(reference_steps), values_in_order(steps), finished=raised is None)
+    # A function that raises at its return (a gradient never set: NameError) has set all it was going to.
+    finished = raised is None or (raised.line and lines[raised.line - 1].strip().startswith("return"))
+    wrong = first_wrong(values_in_order(reference_steps), values_in_order(steps), finished)
     if wrong is None and raised is not None:
         source = lines[raised.line - 1].strip() if raised.line else "?"
         if source.rstrip().split("#")[0].rstrip().endswith("..."):
@@ -266,8 +308,9 @@ def check(kernel, path, seed=0, file=None):
     if len(got) != expected_count:
         raise UserError(f"{path}: {name} returned {len(got)} gradient(s); the reference returns "
                         f"{expected_count}, one per input: {', '.join('d' + case.names[i] for i in case.wrt)}.")
-    checked = sum(1 for *_, value in values_in_order(reference_steps) if isinstance(value, np.ndarray))
-    print(f"all {checked} arrays {name} sets agree with the reference (float64, seed {seed}).", file=file)
+    gradients = dict.fromkeys(n for _, n, _, value in values_in_order(reference_steps)
+                              if is_gradient(n) and isinstance(value, np.ndarray))
+    print(f"{', '.join(gradients)}: each line agrees with the reference (float64, seed {seed}).", file=file)
     rows = check_kernel(kernel, case.forward, lambda dout, cache: tuple(flatten(learner(dout, cache))),
                         [a.copy() for a in case.inputs], case.wrt, [case.names[i] for i in case.wrt], seed=seed)
     for r in rows:
@@ -288,6 +331,8 @@ def main(argv=None):
     parser.add_argument("kernel", help=", ".join(KERNELS))
     parser.add_argument("--check", nargs="?", const="", metavar="FILE",
                         help="check FILE (default exercises/KERNEL.py) instead of writing the exercise")
+    parser.add_argument("--whole", action="store_true",
+                        help="the harder level: blank every line from the first gradient to the return")
     parser.add_argument("--seed", type=int, default=0, help="seeds the inputs of --check")
     args = parser.parse_args(argv)
     try:
@@ -296,7 +341,7 @@ def main(argv=None):
         path = pathlib.Path(args.check or f"exercises/{args.kernel}.py")
         if args.check is not None:
             return check(args.kernel, path, args.seed)
-        write_exercise(args.kernel, path)
+        write_exercise(args.kernel, path, args.whole)
         print(f"wrote {path}: fill in each `...`, then python -m nanograd.exercise {args.kernel} --check")
         return 0
     except UserError as e:

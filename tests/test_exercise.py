@@ -1,5 +1,6 @@
 """nanograd.exercise: the exercise is the reference with its gradient lines blanked; --check
 names the first wrong line, every time, and passes the reference itself."""
+import ast
 import contextlib
 import io
 import pathlib
@@ -137,6 +138,31 @@ def test_each_wrong_line_is_named(kernel, tmp_path):
         first = out.splitlines()[0]
         assert f": {variable} is wrong: " in first, (wrong, out)
         assert "see " in out
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_the_whole_body_level(kernel, tmp_path):
+    """--whole blanks every line from the first gradient to the return; the reference's lines put back pass."""
+    text = exercise.exercise_text(kernel, whole=True)
+    backward = make_case(kernel).backward
+    lines, definition = exercise.function_tree(backward)
+    gradients = exercise.gradient_lines(backward)
+    first = exercise.written_names(gradients[0])[0]
+    status, out, _ = check(tmp_path, kernel, text, f"{kernel}_blank")
+    assert status == 1 and out.startswith(f"{tmp_path / kernel}_blank.py: {first} is wrong: is never set"), out
+    returns = next(s for s in definition.body if isinstance(s, ast.Return)).lineno
+    reference = "\n".join(lines[gradients[0].lineno - 1:returns - 1])
+    status, out, err = check(tmp_path, kernel, re.sub(r"(    # Your lines.*\n)(    #.*\n)*    \.\.\.", lambda _: reference, text))
+    assert status == 0, out + err
+
+
+def test_a_gradient_may_take_fewer_steps_than_the_reference(tmp_path):
+    """cross_entropy's dlogits in one line instead of three: its last value is what counts."""
+    text = exercise.exercise_text("cross_entropy", whole=True).replace(
+        "    ...\n", "    dlogits = (probs - xp.eye(probs.shape[1])[targets]) * (dloss / N)  # (N, V)\n")
+    assert check(tmp_path, "cross_entropy", text)[0] == 0
+    status, out, _ = check(tmp_path, "cross_entropy", text.replace("* (dloss / N)", "* dloss"), "wrong")
+    assert status == 1 and ": dlogits is wrong: max abs error" in out
 
 
 def test_an_exercise_is_never_overwritten(tmp_path, monkeypatch):
