@@ -20,6 +20,7 @@ finite-difference check of nanograd.gradcheck: exit 0.
 import ast
 import importlib.util
 import pathlib
+import re
 import sys
 
 import numpy as np
@@ -188,10 +189,10 @@ def write_exercise(kernel, path, whole=False):
 
 # --- Checking it ---------------------------------------------------------------------------
 
-def load_function(path, name):
+def load_function(path, name, kernel):
     """The function called name in the Python file at path; UserError when it is not there."""
     if not path.is_file():
-        raise UserError(f"{path} is not a file; write it first with python -m nanograd.exercise KERNEL.")
+        raise UserError(f"{path} is not a file; write it first with python -m nanograd.exercise {kernel}.")
     spec = importlib.util.spec_from_file_location(f"exercise_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -206,7 +207,7 @@ def load_function(path, name):
 
 
 def values_in_order(steps):
-    """[(line, name, n, value)]: each array a step set, n counting the values name took before."""
+    """[(line, name, n, value)]: each value a step set, n counting the values name took before."""
     taken, values = {}, []
     for step in steps:
         for name, value in step.changed.items():
@@ -252,10 +253,13 @@ def first_wrong(reference_values, learner_values, finished=True):
                 continue  # you may rebuild forward values (xhat ...) under other names, or inline
             if not finished:
                 return None
-            return None, name, n, "is never set"
-        if count[name] != reference_count[name]:
-            if n + 1 < reference_count[name]:
-                continue  # a partial value of the reference's
+            return None, name, n, "never set"
+        if not finished or count[name] == reference_count[name]:
+            if (name, n) not in yours:
+                return None  # your function raised before it got here
+        elif n + 1 < reference_count[name]:
+            continue  # a partial value of the reference's, built in another number of steps by you
+        else:
             n = count[name] - 1  # your last value against the reference's last
         line, got = yours[(name, n)]
         why = difference(expected, got)
@@ -269,7 +273,7 @@ def check(kernel, path, seed=0, file=None):
     file = sys.stdout if file is None else file
     case = make_case(kernel, seed)
     name = case.backward.__name__
-    learner = load_function(path, name)
+    learner = load_function(path, name, kernel)
     lines = path.read_text().splitlines()
 
     def run(backward):
@@ -288,8 +292,10 @@ def check(kernel, path, seed=0, file=None):
     wrong = first_wrong(values_in_order(reference_steps), values_in_order(steps), finished)
     if wrong is None and raised is not None:
         source = lines[raised.line - 1].strip() if raised.line else "?"
-        if source.rstrip().split("#")[0].rstrip().endswith("..."):
-            wrong = raised.line, source.split("=")[0].strip(), 0, "still blank (`...`)"
+        if source.split("#")[0].rstrip().endswith("..."):  # `a, b = ...` or `dx += ...` cannot run
+            variable = re.match(r"\w+", source).group()  # the first name it sets
+            n = sum(1 for _, set_name, _, _ in values_in_order(steps) if set_name == variable)
+            wrong = raised.line, variable, n, "still blank (`...`)"
         else:
             raise UserError(f"{path}:{raised.line}: {name} raised {raised} (in `{source}`).")
     if wrong is not None:

@@ -149,7 +149,7 @@ def test_the_whole_body_level(kernel, tmp_path):
     gradients = exercise.gradient_lines(backward)
     first = exercise.written_names(gradients[0])[0]
     status, out, _ = check(tmp_path, kernel, text, f"{kernel}_blank")
-    assert status == 1 and out.startswith(f"{tmp_path / kernel}_blank.py: {first} is wrong: is never set"), out
+    assert status == 1 and out.startswith(f"{tmp_path / kernel}_blank.py: {first} is wrong: never set"), out
     returns = next(s for s in definition.body if isinstance(s, ast.Return)).lineno
     reference = "\n".join(lines[gradients[0].lineno - 1:returns - 1])
     status, out, err = check(tmp_path, kernel, re.sub(r"(    # Your lines.*\n)(    #.*\n)*    \.\.\.", lambda _: reference, text))
@@ -193,6 +193,13 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path):
     text = filled_in("linear").replace("return dx, dW, db", "return dx, dW")
     (tmp_path / "two.py").write_text(text)
     assert "returned 2 gradient(s)" in one_line(["linear", "--check", str(tmp_path / "two.py")])
+
+
+def test_a_blank_that_cannot_run_is_named_with_its_section(tmp_path):
+    """`dx1 += ...` raises (an array plus Ellipsis): still blank, and it is dx1's second value, the residual's."""
+    status, out, _ = check(tmp_path, "block", filled_in("block").replace("dx1 += dout", "dx1 += ..."))
+    assert status == 1 and ": dx1 is wrong: still blank" in out
+    assert out.strip().endswith(exercise.SECTIONS["block"][("dx1", 1)])
 
 
 def test_a_wrong_return_order_fails_the_gradcheck(tmp_path):
