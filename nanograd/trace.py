@@ -92,8 +92,9 @@ def changes(before, after):
     """name -> value of each local that after binds anew or whose array contents changed."""
     changed = {}
     for name, (value, copy) in after.items():
-        old = before.get(name)
-        if old is None or old[0] is not value or (copy is not None and not np.array_equal(old[1], copy, equal_nan=True)):
+        old_value, old_copy = before.get(name, (None, None))
+        if name not in before or old_value is not value or (
+                copy is not None and not np.array_equal(old_copy, copy, equal_nan=True)):  # changed in place
             changed[name] = copy if copy is not None else value
     return changed
 

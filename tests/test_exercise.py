@@ -5,6 +5,7 @@ import contextlib
 import io
 import pathlib
 import re
+import subprocess
 
 import pytest
 
@@ -152,7 +153,8 @@ def test_the_whole_body_level(kernel, tmp_path):
     assert status == 1 and out.startswith(f"{tmp_path / kernel}_blank.py: {first} is wrong: never set"), out
     returns = next(s for s in definition.body if isinstance(s, ast.Return)).lineno
     reference = "\n".join(lines[gradients[0].lineno - 1:returns - 1])
-    status, out, err = check(tmp_path, kernel, re.sub(r"(    # Your lines.*\n)(    #.*\n)*    \.\.\.", lambda _: reference, text))
+    blank = r"(    # Your lines.*\n)(    #.*\n)*    \.\.\."  # the list of gradients, then the `...`
+    status, out, err = check(tmp_path, kernel, re.sub(blank, lambda _: reference, text))
     assert status == 0, out + err
 
 
@@ -163,6 +165,11 @@ def test_a_gradient_may_take_fewer_steps_than_the_reference(tmp_path):
     assert check(tmp_path, "cross_entropy", text)[0] == 0
     status, out, _ = check(tmp_path, "cross_entropy", text.replace("* (dloss / N)", "* dloss"), "wrong")
     assert status == 1 and ": dlogits is wrong: max abs error" in out
+
+
+def test_git_ignores_the_exercises():
+    result = subprocess.run(["git", "check-ignore", "--no-index", "-q", "exercises/relu.py"], cwd=ROOT, timeout=30)
+    assert result.returncode == 0
 
 
 def test_an_exercise_is_never_overwritten(tmp_path, monkeypatch):
