@@ -6,8 +6,10 @@
 The exercise is the reference backward (nanograd/<kernel>.py) with the
 right-hand side of every gradient line blanked to `...`: the same name,
 signature, docstring, cache unpacking and shape comments, made from the
-reference's source so it cannot drift from it.  An existing exercise file
-is never overwritten: it is your work.
+reference's source so it cannot drift from it.  --whole is the harder
+level: every line from the first gradient to the return blank, the
+gradients to set listed by name.  An existing exercise file is never
+overwritten: it is your work.
 
 --check runs your function and the reference on the same small float64
 inputs, one statement at a time (nanograd.trace), and compares each
@@ -177,14 +179,19 @@ nanograd/{source}; docs/exercises.md says how to practise.  Check your lines
 def write_exercise(kernel, path, whole=False):
     """Write kernel's exercise to path, refusing to replace an existing file (the learner's work)."""
     text = exercise_text(kernel, whole)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with open(path, "x") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make the folder {path.parent} for {path.name} ({e.strerror}).") from None
+    try:
+        with open(path, "x") as f:  # x: only if there is no such file yet
             f.write(text)
     except FileExistsError:
         raise UserError(f"{path} already exists and may hold your work, so it is left as it is; check it with "
                         f"python -m nanograd.exercise {kernel} --check {path}, or delete it to start "
                         f"over.") from None
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror}).") from None
 
 
 # --- Checking it ---------------------------------------------------------------------------

@@ -182,6 +182,14 @@ def test_an_exercise_is_never_overwritten(tmp_path, monkeypatch):
     assert path.read_text().endswith("# my work\n")
 
 
+def test_a_file_where_the_folder_goes_is_left_alone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exercises").write_text("mine")
+    status, _, err = run(["relu"])
+    assert status == 2 and "cannot make the folder exercises" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "exercises").read_text() == "mine"
+
+
 def test_bad_input_gets_one_line_and_exit_2(tmp_path):
     def one_line(argv):
         status, out, err = run(argv)
