@@ -17,7 +17,7 @@ from .errors import CheckpointError, OneLineParser, UserError, run_command
 from .checkpoint import MAGIC
 from . import validate
 from .model import Model, parameter_shapes
-from .outputs import check_writable_folder, replacing
+from .outputs import check_output, replacing
 from .validate import check_h_params, check_memory, model_bytes, read_file, size_text
 from .state import build_model, load_state, save_state
 
@@ -130,9 +130,9 @@ def main(argv=None):
     try:
         if not os.path.isfile(args.src):
             raise UserError(f"{args.src} does not exist or is not a file; give a checkpoint path")
+        check_output(args.dst, "", inputs=[args.src])  # before converting, and whatever --force says
         if os.path.exists(args.dst) and not args.force:
             raise UserError(f"{args.dst} exists; choose another path or pass --force to overwrite it")
-        check_writable_folder(args.dst, flag="")  # before converting: a bad path costs no work
         try:
             import torch  # noqa: F401
         except ImportError:
