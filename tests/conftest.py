@@ -4,6 +4,8 @@ torch is the oracle and a hard requirement of the tests: it is imported
 directly, so a missing torch fails the run instead of skipping it.
 """
 import os
+import subprocess
+import time
 
 # CuPy reads CUPY_TF32 when it is imported; TF32 matmuls keep only 10 mantissa
 # bits and would make float32 results disagree with the oracle.
@@ -126,3 +128,43 @@ def _host(a):
 def host():
     """host(a) -> a float64 NumPy copy of a, for torch and for before/after checks."""
     return _host
+
+
+class Measured(subprocess.CompletedProcess):
+    """A finished command with its peak memory (max_rss_mb, from the kernel) and wall time (seconds)."""
+
+
+def _run_measured(args, timeout, cwd=None, env=None, on_start=None):
+    """Run args to the end (killed after timeout seconds), stdout and stderr as text, and measure
+    its peak resident memory with wait4, which reports it for that one child.  on_start(proc,
+    out_path) may watch the running process (e.g. send it a signal)."""
+    import tempfile
+    import threading
+    with tempfile.TemporaryDirectory() as folder:
+        out_path, err_path = os.path.join(folder, "out"), os.path.join(folder, "err")
+        with open(out_path, "w") as out, open(err_path, "w") as err:
+            start = time.perf_counter()
+            proc = subprocess.Popen(args, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=cwd, env=env)
+            timer = threading.Timer(timeout, proc.kill)
+            timer.start()
+            try:
+                if on_start is not None:
+                    on_start(proc, out_path)
+            finally:
+                _, status, usage = os.wait4(proc.pid, 0)
+                timer.cancel()
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            seconds = time.perf_counter() - start
+        with open(out_path) as out, open(err_path) as err:
+            result = Measured(args, proc.returncode, out.read(), err.read())
+    result.max_rss_mb = usage.ru_maxrss / 1024  # Linux counts kB
+    result.seconds = seconds
+    result.timed_out = seconds >= timeout
+    return result
+
+
+@pytest.fixture(scope="session")
+def run_measured():
+    """run_measured(args, timeout, cwd=None, env=None, on_start=None) -> CompletedProcess with
+    .max_rss_mb (the child's peak memory), .seconds and .timed_out."""
+    return _run_measured
