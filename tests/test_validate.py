@@ -32,7 +32,7 @@ from transformer.checkpoint import load_checkpoint, save_checkpoint
 from transformer.errors import CheckpointError, UserError
 from transformer.model import parameter_shapes
 from transformer.state import build_model, load_state, restore_optimizer, save_state
-from transformer.tokenizer import encode_prompt, get_tokenizer
+from transformer.tokenizer import decode, encode_prompt, get_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT = 2 * 10**9  # the memory every test here may plan for
@@ -176,7 +176,9 @@ CRAFTED = [
     ("vocab-float", tensor_edit("vocab", lambda v: v.astype(np.float32)), r"got 1-D float32"),
     ("vocab-empty", tensor_edit("vocab", np.zeros(0, np.int64)), r"holds 0 ids but the model has 60"),
     ("vocab-short", tensor_edit("vocab", lambda v: v[:-1]), r"holds 59 ids"),
-    ("vocab-outside-tokenizer", tensor_edit("vocab", lambda v: v + 100000), r"distinct ids in \[0, 100277\)"),
+    ("vocab-outside-tokenizer", tensor_edit("vocab", lambda v: v + 100000), r"distinct ids of text tokens, in \[0, 100256\)"),
+    ("vocab-special-id", tensor_edit("vocab", lambda v: np.append(v[:-1], 100256)),  # issue 23.9: a KeyError in decode
+     r"vocab tensor must hold distinct ids of text tokens, in \[0, 100256\), in increasing order"),
     ("vocab-negative", tensor_edit("vocab", lambda v: v - 10), r"distinct ids"),
     ("vocab-unsorted", tensor_edit("vocab", lambda v: v[::-1].copy()), r"increasing order"),
 ]
@@ -319,7 +321,7 @@ ENTRY_POINTS = {  # how each reads a checkpoint
 
 ENTRY_CASES = [(entry, name) for name in HANGS for entry in ENTRY_POINTS] + [
     ("inference", "shape-70-dims"), ("resume", "dropout-string"), ("resume", "run-seed-negative"),
-    ("inference", "vocab-outside-tokenizer")]
+    ("inference", "vocab-outside-tokenizer")] + [(entry, "vocab-special-id") for entry in ENTRY_POINTS]
 
 
 @pytest.mark.parametrize("entry, name", ENTRY_CASES, ids=[f"{e}-{n}" for e, n in ENTRY_CASES])
@@ -432,7 +434,7 @@ def test_fuzz_checkpoint_fields(good, tmp_path, monkeypatch, changes, which):
         model = build_model(tensors, meta)
         ids = encode_prompt("$", get_tokenizer(), tensors.get("vocab"), meta["h_params"]["max_token_value"])
         out = model.eval().generate(ids[None], 1, rng=np.random.default_rng(0))[0]  # (2,) one new token
-        get_tokenizer().decode((out if "vocab" not in tensors else tensors["vocab"][out]).tolist())
+        decode(get_tokenizer(), out if "vocab" not in tensors else tensors["vocab"][out])
         if meta["adamw"] is not None:
             restore_optimizer(AdamW(model.params), tensors, meta, path)
     except UserError as e:  # a CheckpointError, or any other of the project's one-line errors

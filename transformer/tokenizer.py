@@ -9,6 +9,7 @@ import base64
 import functools
 import gzip
 import hashlib
+import itertools
 import os
 import zlib
 
@@ -32,6 +33,7 @@ SPECIAL_TOKENS = {
     "<|fim_suffix|>": 100260,
     "<|endofprompt|>": 100276,
 }
+ORDINARY_IDS = 100256  # ranks 0 .. 100255: every id encode_ordinary can give; 100256 and 100261-100275 have no text
 
 
 def _read_vocab(path):
@@ -64,6 +66,16 @@ def get_tokenizer() -> tiktoken.Encoding:
     return tiktoken.Encoding(
         name="cl100k_base", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=SPECIAL_TOKENS
     )
+
+
+def decode(tokenizer, ids):
+    """The text of ids; an id without text in cl100k_base (a model with a larger output layer
+    can pick one) becomes U+FFFD, the character that stands for bytes that are not text."""
+    def has_text(i):
+        return 0 <= i < ORDINARY_IDS or i in SPECIAL_TOKENS.values()
+    pieces = [tokenizer.decode_bytes(list(run)) if known else "\ufffd".encode() * len(list(run))
+              for known, run in itertools.groupby(map(int, ids), key=has_text)]
+    return b"".join(pieces).decode("utf-8", errors="replace")  # as tokenizer.decode does
 
 
 def encode_prompt(prompt, tokenizer, vocab, vocab_size):
