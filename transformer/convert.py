@@ -104,11 +104,12 @@ def ours_to_book(src, dst):
         raise UserError(f"{src} was trained with --compact-vocab; the book's model has no place for its "
                         "id mapping, so it cannot be converted")
     model = build_model(tensors, meta)
-    torch_model = book_torch.Model(meta["h_params"]).to(torch.float64 if model.dtype == np.float64 else torch.float32)
+    h_params = {"dropout": 0.0, **meta["h_params"]}  # the book's Model reads dropout; ours defaults it to 0
+    torch_model = book_torch.Model(h_params).to(torch.float64 if model.dtype == np.float64 else torch.float32)
     book_torch.load_numpy_params(torch_model, {k: np.asarray(v) for k, v in model.params.items()})
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)  # as save_checkpoint does
     with replacing(dst) as tmp:
-        torch.save({"model_state_dict": torch_model.state_dict(), "h_params": dict(meta["h_params"])}, tmp)
+        torch.save({"model_state_dict": torch_model.state_dict(), "h_params": h_params}, tmp)
 
 
 def is_ours(path):
@@ -137,19 +138,18 @@ def main(argv=None):
             import torch  # noqa: F401
         except ImportError:
             raise UserError("converting needs PyTorch: pip install torch==2.13.0") from None
+        to_book = is_ours(args.src)
         try:
-            if is_ours(args.src):
-                ours_to_book(args.src, args.dst)
-                print(f"Wrote the book's PyTorch checkpoint {args.dst}")
-            else:
-                book_to_ours(args.src, args.dst)
-                print(f"Wrote {args.dst} (load it with inference.py --ckpt {args.dst})")
+            ours_to_book(args.src, args.dst) if to_book else book_to_ours(args.src, args.dst)
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
             raise UserError(f"cannot write {args.dst} ({reason}); nothing was written there") from None
     except (UserError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # printed outside the try: a failed print is not a failed write (run_command reports it)
+    print(f"Wrote the book's PyTorch checkpoint {args.dst}" if to_book
+          else f"Wrote {args.dst} (load it with inference.py --ckpt {args.dst})")
     return 0
 
 

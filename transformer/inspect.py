@@ -11,6 +11,7 @@ import argparse
 import os
 import re
 import sys
+import warnings
 
 import numpy as np
 
@@ -66,6 +67,8 @@ def pyplot():
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("drawing attention maps needs matplotlib: pip install matplotlib") from None
+    # a token its font cannot draw (Chinese in DejaVu Sans) becomes a box, not lines of warnings
+    warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
     return plt
 
 
