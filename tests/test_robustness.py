@@ -186,6 +186,8 @@ BAD_CHECKPOINTS = [
 BAD_INPUT = [
     # (test id, script, arguments after the base ones, what stderr must say)
     ("data-missing", "train.py", ["--data", "{missing}"], r"missing\.txt does not exist"),
+    ("data-empty-path", "train.py", ["--data", ""],  # issue 23.12: trained on the built-in corpus
+     r"^error: --data is empty; give a UTF-8 text file, or leave out --data for the built-in corpus$"),
     ("data-directory", "train.py", ["--data", "{dir}"], r"folder is a directory"),
     ("data-unreadable", "train.py", ["--data", "{unreadable}"], r"cannot read .*Permission denied"),
     ("data-empty", "train.py", ["--data", "{empty}"], r"empty\.txt is empty"),
