@@ -174,7 +174,7 @@ def test_drawing_past_the_memory_budget_is_refused_with_the_estimate(tmp_path, c
     assert main(["--ckpt", str(tmp_path / "m.ckpt"), "--prompt", prompt_of(1000),
                  "--out-dir", str(tmp_path / "att")]) == 2
     err = capsys.readouterr().err
-    assert re.fullmatch(r"error: drawing the attention maps of 1000 tokens \(1 blocks of 2 heads, images of up to "
+    assert re.fullmatch(r"error: drawing the attention maps of 1000 tokens \(num_blocks 1, num_heads 2, images of up to "
                         r"[\d.]+ million pixels\) needs about [\d.]+ MB of memory but this machine has 50\.0 MB "
                         r"available; shorten --prompt or use a machine with more memory\n", err), err
     assert not (tmp_path / "att").exists()

@@ -123,8 +123,8 @@ def inspect_bytes(h, itemsize, tokens, pixels):
 def check_inspect_memory(h, dtype, tokens, pixels):
     """UserError, with the estimate, unless drawing the maps of `tokens` positions fits in memory."""
     check_memory(inspect_bytes(h, np.dtype(dtype).itemsize, tokens, pixels),
-                 f"drawing the attention maps of {tokens} tokens ({h['num_blocks']} blocks of "
-                 f"{h['num_heads']} heads, images of up to {pixels / 1e6:.1f} million pixels) needs",
+                 f"drawing the attention maps of {tokens} tokens (num_blocks {h['num_blocks']}, num_heads "
+                 f"{h['num_heads']}, images of up to {pixels / 1e6:.1f} million pixels) needs",
                  "shorten --prompt or use a machine with more memory")
 
 
