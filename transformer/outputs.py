@@ -89,7 +89,7 @@ def check_output(path, flag, inputs=()):
     is a regular file or nothing yet (never a directory, device, FIFO or socket), and is none
     of inputs (not the same path, link or inode).  --force and --overwrite decide only whether
     an earlier output may be replaced; they never widen this.  flag names the path in messages
-    ("--out", "--out-dir", or "" for a plain argument)."""
+    ("--out", or "" for a plain argument)."""
     check_writable_folder(path, flag)
     named = f"{flag} {path}" if flag else path
     check_not_special(path, flag or "the output")
@@ -102,24 +102,21 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def check_png_output(path, flag, inputs=(), doing="drawing"):
-    """check_output, and an existing file at path must be a PNG (an earlier plot or map to
-    replace), never someone's other file that happens to have the name.  doing names the
-    command's work in the message ("plotting")."""
+    """check_output, and an existing file at path (or that a link there points to) must be a
+    PNG, an earlier plot or map to replace, never someone's other file that happens to have the
+    name.  doing names the command's work in the message ("plotting")."""
     check_output(path, flag, inputs)
-    if not os.path.lexists(path):
+    if not os.path.exists(path):
         return
+    named = f"{flag} {path}" if flag else path
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            is_png = stat.S_ISREG(os.fstat(fd).st_mode) and f.read(len(PNG_MAGIC)) == PNG_MAGIC
+        with open(path, "rb") as f:  # check_output found a regular file: opening cannot block
+            is_png = f.read(len(PNG_MAGIC)) == PNG_MAGIC
     except OSError as e:
-        if e.errno == errno.ELOOP:  # a symbolic link: replacing puts a file in its place, the target is kept
-            return
         raise UserError(f"cannot read {path} ({e.strerror}) to check that it is an earlier image; "
-                        f"choose another {flag or 'path'}") from e
+                        "choose another path") from e
     if not is_png:
-        raise UserError(f"{f'{flag} ' if flag == '--out' else ''}{path} exists and is not a PNG; "
-                        f"{doing} would replace it, so choose another path")
+        raise UserError(f"{named} exists and is not a PNG; {doing} would replace it, so choose another path")
 
 
 @contextlib.contextmanager
