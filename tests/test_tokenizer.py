@@ -127,3 +127,15 @@ def test_inference_prints_an_id_without_text_instead_of_crashing(tmp_path):
                             capture_output=True, text=True, encoding="utf-8", timeout=120)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert "Hi\ufffd\ufffd\ufffd\n" in result.stdout, result.stdout
+
+
+def test_a_prompt_read_under_a_c_locale_is_read_as_utf8():
+    """`LC_ALL=C PYTHONUTF8=0 inference.py --prompt '销售'`: Python hands over the bytes as escapes
+    (U+DC80..U+DCFF); the prompt is the UTF-8 text they spell, as in any other locale."""
+    enc = tokenizer.get_tokenizer()
+    escaped = "销售 sales".encode("utf-8").decode("ascii", "surrogateescape")
+    assert escaped != "销售 sales"
+    ids = tokenizer.encode_prompt(escaped, enc, None, 100256)
+    assert ids.tolist() == enc.encode_ordinary("销售 sales")
+    assert tokenizer.encode_prompt(b"\xff ok".decode("ascii", "surrogateescape"), enc, None, 100256).tolist() \
+        == enc.encode_ordinary("\ufffd ok")  # bytes that are not UTF-8

@@ -80,6 +80,9 @@ def decode(tokenizer, ids):
 
 def encode_prompt(prompt, tokenizer, vocab, vocab_size):
     """The prompt's ids in the model's numbering; UserError if a token lies outside the vocabulary."""
+    # Under a C locale Python reads the command line's bytes as ASCII, each other byte escaped
+    # (U+DC80..U+DCFF): give them back and read them as UTF-8 (anything else becomes U+FFFD).
+    prompt = prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     ids = np.asarray(tokenizer.encode_ordinary(prompt), dtype=np.int64)
     if len(ids) == 0:
         raise UserError("--prompt is empty; give at least one character of text.")
