@@ -224,4 +224,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .command import run_command
+    run_command(main)

@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import re
+import stat
 import zipfile
 from pathlib import Path
 
@@ -310,3 +311,47 @@ def test_the_examples_of_docs_checkpoint_md_run(tmp_path, monkeypatch):
         exec(example, scope)
     assert scope["meta"]["adamw"]["t"] == 1 and "adamw.exp_avg.model_out_linear_layer.bias" in scope["tensors"]
     assert scope["h_params"] == H and len(scope["digest"]) == 64
+
+
+def special_file(path):
+    """A character device like /dev/null (root may make one), else a FIFO: either must survive."""
+    try:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        os.mkfifo(path)
+    return os.stat(path)
+
+
+@pytest.mark.parametrize("direction", ["to-ours", "to-book"])
+def test_output_that_is_a_device_is_refused_even_with_force(tmp_path, capsys, direction):
+    """Issue 23.4: `convert m.ckpt /dev/null --force`, as root, replaced /dev/null with a file."""
+    src = tmp_path / "src.ckpt"
+    book_checkpoint(src) if direction == "to-ours" else save_state(src, Model(H))
+    before = special_file(tmp_path / "null")
+    assert main([str(src), str(tmp_path / "null"), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: the output \S+null is not a regular file \(a device, FIFO or socket\); "
+                        r"writing would replace it, so choose another path\n", err), err
+    after = os.stat(tmp_path / "null")
+    assert (after.st_mode, after.st_rdev, after.st_ino) == (before.st_mode, before.st_rdev, before.st_ino)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["null", "src.ckpt"]
+
+
+@pytest.mark.parametrize("direction", ["to-ours", "to-book"])
+@pytest.mark.parametrize("how", ["same-path", "hard-link", "symlink"])
+def test_output_that_is_its_own_input_is_refused_even_with_force(tmp_path, capsys, direction, how):
+    """Issue 23.5: `convert s.ckpt s.ckpt --force` replaced its input (AdamW state, step, settings lost)."""
+    src = tmp_path / "s.ckpt"
+    book_checkpoint(src) if direction == "to-ours" else save_state(src, Model(H))
+    dst = {"same-path": src, "hard-link": tmp_path / "link.ckpt", "symlink": tmp_path / "sym.ckpt"}[how]
+    if how == "hard-link":
+        os.link(src, dst)
+    elif how == "symlink":
+        os.symlink(src, dst)
+    before = src.read_bytes(), os.stat(src).st_mtime_ns
+    assert main([str(src), str(dst), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"error: {re.escape(str(dst))} is the input {re.escape(str(src))}; writing would replace "
+                        r"it, so choose another path\n", err), err
+    assert (src.read_bytes(), os.stat(src).st_mtime_ns) == before
+    assert os.path.samefile(dst, src) and not list(tmp_path.glob("*.tmp.*"))

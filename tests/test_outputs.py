@@ -480,3 +480,51 @@ def test_a_count_of_10_to_the_12_streams_and_sigterm_stops_it_at_once(data, tmp_
     assert took < 3, f"{took:.1f} s from SIGTERM to exit"  # a tiny model: milliseconds per batch
     assert "Interrupted by SIGTERM after step 0; checkpoint saved to" in rest
     assert load_state(out)[1]["step"] == 0
+
+
+@pytest.mark.parametrize("how", ["check", "claim"])
+def test_a_fifo_at_the_lock_file_is_refused(data, tmp_path, capsys, how):
+    """Issue 23.10: a FIFO at <out>.run.lock gave `OSError: Illegal seek` (os.pread) as a traceback.
+    Refused by train.py's checks, and by claim() itself (the lock opened without blocking and
+    checked on the open file), should one appear between the two."""
+    fifo = Path(lock_path(str(tmp_path / "m.ckpt")))
+    os.mkfifo(fifo)
+    if how == "check":
+        assert main("--data", data, "--out", tmp_path / "m.ckpt", *S) == 2
+        one_error(capsys, r"the lock file .*m\.run\.lock is not a regular file \(a device, FIFO or socket\)")
+    else:
+        with pytest.raises(UserError, match=r"the lock file .*m\.run\.lock is not a regular file .*move it away"):
+            RunOutputs(str(tmp_path / "m.ckpt")).claim()
+    assert fifo.is_fifo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt", "m.run.lock"]
+
+
+# ---- the one output rule of every command (check_output) --------------------------------
+
+def test_check_output_refuses_inputs_and_special_files_whatever_the_flags(tmp_path):
+    """One rule for train.py, convert, plot and inspect: never a directory, device, FIFO or
+    an input (by path, hard link or symbolic link); a new path or a regular file is fine."""
+    given = tmp_path / "in.txt"
+    given.write_text("x")
+    os.link(given, tmp_path / "hard.txt")
+    os.symlink(given, tmp_path / "soft.txt")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    outputs.check_output(str(tmp_path / "new" / "out.ckpt"), "--out", inputs=[str(given)])
+    outputs.check_output(str(tmp_path / "hard.txt"), "--out", inputs=[])
+    for path, message in [(given, "is the input"), (tmp_path / "hard.txt", "is the input"),
+                          (tmp_path / "soft.txt", "is the input"), (tmp_path / "fifo", "is not a regular file"),
+                          (tmp_path / "dir", "is a directory")]:
+        with pytest.raises(UserError, match=message):
+            outputs.check_output(str(path), "--out", inputs=[str(given)])
+
+
+def test_check_png_output_replaces_only_an_earlier_png(tmp_path):
+    png, notes = tmp_path / "a.png", tmp_path / "b.png"
+    png.write_bytes(outputs.PNG_MAGIC + b"rest")
+    notes.write_text("my notes")
+    outputs.check_png_output(str(png), "--out")
+    outputs.check_png_output(str(tmp_path / "new.png"), "--out")
+    with pytest.raises(UserError, match=r"b\.png exists and is not a PNG; drawing would replace it"):
+        outputs.check_png_output(str(notes), "--out")
+    assert notes.read_text() == "my notes"

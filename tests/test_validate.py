@@ -32,7 +32,7 @@ from transformer.checkpoint import load_checkpoint, save_checkpoint
 from transformer.errors import CheckpointError, UserError
 from transformer.model import parameter_shapes
 from transformer.state import build_model, load_state, restore_optimizer, save_state
-from transformer.tokenizer import encode_prompt, get_tokenizer
+from transformer.tokenizer import decode, encode_prompt, get_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT = 2 * 10**9  # the memory every test here may plan for
@@ -192,7 +192,9 @@ CRAFTED = [
     ("vocab-bool", vocab_edit(lambda v: [True] + v[1:]), r"vocab must be a list of token ids, got \[True"),
     ("vocab-empty", meta_edit(vocab=[]), r"holds 0 ids but the model has 60"),
     ("vocab-short", vocab_edit(lambda v: v[:-1]), r"holds 59 ids"),
-    ("vocab-outside-tokenizer", vocab_edit(lambda v: [i + 100000 for i in v]), r"distinct ids in \[0, 100277\)"),
+    ("vocab-outside-tokenizer", vocab_edit(lambda v: [i + 100000 for i in v]), r"distinct ids of text tokens, in \[0, 100256\)"),
+    ("vocab-special-id", vocab_edit(lambda v: v[:-1] + [100256]),  # issue 23.9: a KeyError in decode
+     r"vocab must hold distinct ids of text tokens, in \[0, 100256\), in increasing order"),
     ("vocab-negative", vocab_edit(lambda v: [i - 10 for i in v]), r"distinct ids"),
     ("vocab-unsorted", vocab_edit(lambda v: v[::-1]), r"increasing order"),
 ]
@@ -336,7 +338,7 @@ ENTRY_POINTS = {  # how each reads a checkpoint
 
 ENTRY_CASES = [(entry, name) for name in HANGS for entry in ENTRY_POINTS] + [
     ("inference", "shape-70-dims"), ("resume", "dropout-string"), ("resume", "run-seed-negative"),
-    ("inference", "vocab-outside-tokenizer")]
+    ("inference", "vocab-outside-tokenizer")] + [(entry, "vocab-special-id") for entry in ENTRY_POINTS]
 
 
 @pytest.mark.parametrize("entry, name", ENTRY_CASES, ids=[f"{e}-{n}" for e, n in ENTRY_CASES])
@@ -449,7 +451,7 @@ def test_fuzz_checkpoint_fields(good, tmp_path, monkeypatch, changes, which):
         model = build_model(tensors, meta)
         ids = encode_prompt("$", get_tokenizer(), tensors.get("vocab"), meta["h_params"]["max_token_value"])
         out = model.eval().generate(ids[None], 1, rng=np.random.default_rng(0))[0]  # (2,) one new token
-        get_tokenizer().decode((out if "vocab" not in tensors else tensors["vocab"][out]).tolist())
+        decode(get_tokenizer(), out if "vocab" not in tensors else tensors["vocab"][out])
         if meta["adamw"] is not None:
             restore_optimizer(AdamW(model.params), tensors, meta, path)
     except UserError as e:  # a CheckpointError, or any other of the project's one-line errors

@@ -26,7 +26,7 @@ from .errors import CheckpointError, OneLineParser, UserError, run_command
 from .legacy_checkpoint import MAGIC
 from . import validate
 from .model import Model, parameter_shapes
-from .outputs import check_writable_folder, replacing
+from .outputs import check_output, replacing
 from .validate import check_h_params, check_memory, model_bytes, read_file, size_text
 from .state import build_model, load_state, restore_optimizer, save_state
 
@@ -115,11 +115,12 @@ def ours_to_book(src, dst):
         raise UserError(f"{src} was trained with --compact-vocab; the book's model has no place for its "
                         "id mapping, so it cannot be converted")
     model = build_model(tensors, meta)
-    torch_model = book_torch.Model(meta["h_params"]).to(torch.float64 if model.dtype == np.float64 else torch.float32)
+    h_params = {"dropout": 0.0, **meta["h_params"]}  # the book's Model reads dropout; ours defaults it to 0
+    torch_model = book_torch.Model(h_params).to(torch.float64 if model.dtype == np.float64 else torch.float32)
     book_torch.load_numpy_params(torch_model, {k: np.asarray(v) for k, v in model.params.items()})
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)  # as save_checkpoint does
     with replacing(dst) as tmp:
-        torch.save({"model_state_dict": torch_model.state_dict(), "h_params": dict(meta["h_params"])}, tmp)
+        torch.save({"model_state_dict": torch_model.state_dict(), "h_params": h_params}, tmp)
 
 
 def ours_to_ours(src, dst, weights_only):
@@ -160,9 +161,9 @@ def main(argv=None):
     try:
         if not os.path.isfile(args.src):
             raise UserError(f"{args.src} does not exist or is not a file; give a checkpoint path")
+        check_output(args.dst, "", inputs=[args.src])  # before converting, and whatever --force says
         if os.path.exists(args.dst) and not args.force:
             raise UserError(f"{args.dst} exists; choose another path or pass --force to overwrite it")
-        check_writable_folder(args.dst, flag="")  # before converting: a bad path costs no work
         to_torch = args.dst.lower().endswith(TORCH_SUFFIXES)
         from_ours = is_ours(args.src)
         if not from_ours and to_torch:
@@ -176,19 +177,19 @@ def main(argv=None):
         try:
             if to_torch:
                 ours_to_book(args.src, args.dst)
-                print(f"Wrote the book's PyTorch checkpoint {args.dst}")
             elif from_ours:
                 ours_to_ours(args.src, args.dst, args.weights_only)
-                print(f"Wrote {args.dst} (safetensors; load it with inference.py --ckpt {args.dst})")
             else:
                 book_to_ours(args.src, args.dst)
-                print(f"Wrote {args.dst} (safetensors; load it with inference.py --ckpt {args.dst})")
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
             raise UserError(f"cannot write {args.dst} ({reason}); nothing was written there") from None
     except (UserError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # printed outside the try: a failed print is not a failed write (run_command reports it)
+    print(f"Wrote the book's PyTorch checkpoint {args.dst}" if to_torch
+          else f"Wrote {args.dst} (safetensors; load it with inference.py --ckpt {args.dst})")
     return 0
 
 

@@ -83,6 +83,42 @@ def check_writable_folder(out, flag="--out"):
         raise UserError(f"{named} cannot be written: no write permission in {folder}; choose {other}")
 
 
+def check_output(path, flag, inputs=()):
+    """The one rule for every file a command writes (train.py's checkpoint, convert's output,
+    plot's and inspect's PNGs): UserError unless path can be created in a folder we may write,
+    is a regular file or nothing yet (never a directory, device, FIFO or socket), and is none
+    of inputs (not the same path, link or inode).  --force and --overwrite decide only whether
+    an earlier output may be replaced; they never widen this.  flag names the path in messages
+    ("--out", or "" for a plain argument)."""
+    check_writable_folder(path, flag)
+    named = f"{flag} {path}" if flag else path
+    check_not_special(path, flag or "the output")
+    for given in inputs:
+        if given and same_file(path, given):
+            raise UserError(f"{named} is the input {given}; writing would replace it, so choose another path")
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png_output(path, flag, inputs=(), doing="drawing"):
+    """check_output, and an existing file at path (or that a link there points to) must be a
+    PNG, an earlier plot or map to replace, never someone's other file that happens to have the
+    name.  doing names the command's work in the message ("plotting")."""
+    check_output(path, flag, inputs)
+    if not os.path.exists(path):
+        return
+    named = f"{flag} {path}" if flag else path
+    try:
+        with open(path, "rb") as f:  # check_output found a regular file: opening cannot block
+            is_png = f.read(len(PNG_MAGIC)) == PNG_MAGIC
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}) to check that it is an earlier image; "
+                        "choose another path") from e
+    if not is_png:
+        raise UserError(f"{named} exists and is not a PNG; {doing} would replace it, so choose another path")
+
+
 @contextlib.contextmanager
 def replacing(path):
     """with replacing(path) as tmp: write tmp.  On success tmp replaces path (os.replace, so a
@@ -150,9 +186,9 @@ class RunOutputs:
             raise UserError(f"--out {out} ends in a slash, so it names a folder; give a file path "
                             f"such as {os.path.join(out, 'model.ckpt')}")
         check_default_folder(out)
-        check_writable_folder(out)
-        check_not_special(out, "--out")
+        check_output(out, "--out")  # the inputs below: the checkpoint may continue the one resumed
         check_not_special(self.metrics_path, "the metrics file")
+        check_not_special(self.lock_path, "the lock file")
         if os.path.islink(self.metrics_path):
             raise UserError(f"the metrics file {self.metrics_path} is a symbolic link; writing would "
                             "change the file it points to, so remove the link or choose another --out")
@@ -218,11 +254,16 @@ class RunOutputs:
     def _lock(self):
         """An exclusive flock on <stem>.run.lock, held until release(); UserError if another run has it."""
         while True:
-            try:
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            try:  # O_NONBLOCK: a FIFO put there opens at once (and is refused below), never waits
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                             | os.O_NONBLOCK, 0o644)
             except OSError as e:
                 raise UserError(f"cannot create the lock file {self.lock_path} ({e.strerror}); "
                                 "remove it or choose another --out") from e
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # the file opened, not the name: no race
+                os.close(fd)
+                raise UserError(f"the lock file {self.lock_path} is not a regular file (a device, FIFO "
+                                "or socket); move it away or choose another --out")
             holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
             if holder and not holder.isdigit():  # someone's own file of that name: not ours to rewrite
                 os.close(fd)

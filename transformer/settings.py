@@ -89,6 +89,8 @@ def check_settings(s):
         raise UserError(f"--min-lr must lie in [0, --learning-rate], got {s['min_lr']}.")
     if not s["grad_clip"] >= 0:
         raise UserError(f"--grad-clip must be 0 (off) or positive, got {s['grad_clip']}.")
+    if s["data"] == "":
+        raise UserError("--data is empty; give a UTF-8 text file, or leave out --data for the built-in corpus")
     check_seed(s["seed"])
     check_finite_settings(s)
 

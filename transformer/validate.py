@@ -17,6 +17,7 @@ import stat
 import numpy as np
 
 from .errors import CheckpointError, UserError
+from .tokenizer import ORDINARY_IDS
 
 MEMORY_LIMIT_ENV = "NANOGRAD_MEMORY_LIMIT"  # bytes; caps the budget below the machine's (tests, shared hosts)
 TOKENIZER_IDS = 100277  # cl100k_base: ranks 0..100255 and special tokens up to 100276
@@ -107,6 +108,26 @@ def generation_bytes(h, itemsize, prompt_tokens, new_tokens):
     kv = 2 * NB * T * C * itemsize
     window = NB * (W * 24 * C + 2 * NH * W * W) * itemsize + W * V * (itemsize + 8)
     return kv + window + V * 8 * 4 + (prompt_tokens + new_tokens) * 8 * 2
+
+
+PIXEL_BYTES = 32  # matplotlib's Agg holds about this much per pixel while it draws and saves a figure
+
+
+def inspect_bytes(h, itemsize, tokens, pixels):
+    """Bytes of drawing attention maps: the model, one forward of `tokens` positions with the
+    caches it keeps, every head's (T, T) map on the host, and the largest image of `pixels`."""
+    C, NB, NH, V = h["d_model"], h["num_blocks"], h["num_heads"], h["max_token_value"]
+    T = tokens
+    forward = (NB * (T * 24 * C + 2 * NH * T * T) + 2 * T * V) * itemsize  # blocks' caches; logits, a temporary
+    return model_bytes(h, itemsize) + forward + NB * NH * T * T * 8 + PIXEL_BYTES * int(pixels)
+
+
+def check_inspect_memory(h, dtype, tokens, pixels):
+    """UserError, with the estimate, unless drawing the maps of `tokens` positions fits in memory."""
+    check_memory(inspect_bytes(h, np.dtype(dtype).itemsize, tokens, pixels),
+                 f"drawing the attention maps of {tokens} tokens (num_blocks {h['num_blocks']}, num_heads "
+                 f"{h['num_heads']}, images of up to {pixels / 1e6:.1f} million pixels) needs",
+                 "shorten --prompt or use a machine with more memory")
 
 
 def check_training_memory(h, dtype, batch_size, accum_steps=1):
@@ -335,9 +356,9 @@ def _check_vocab(path, vocab, size):
     if len(vocab) != size:
         raise CheckpointError(f"{where} holds {len(vocab)} ids but the model has {size}; "
                               "the file was edited or damaged")
-    if not all(0 <= i < TOKENIZER_IDS for i in vocab) or any(a >= b for a, b in zip(vocab, vocab[1:])):
-        raise CheckpointError(f"{where} must hold distinct ids in [0, {TOKENIZER_IDS}) in increasing "
-                              "order; the file was edited or damaged")
+    if not all(0 <= i < ORDINARY_IDS for i in vocab) or any(a >= b for a, b in zip(vocab, vocab[1:])):
+        raise CheckpointError(f"{where} must hold distinct ids of text tokens, in [0, {ORDINARY_IDS}), in "
+                              "increasing order; the file was edited or damaged")
 
 
 def _check_masks(path, tensors, h, dtype):
