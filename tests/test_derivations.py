@@ -80,8 +80,8 @@ FOLDER_PATH = re.compile(r"(?<![\w/.-])((?:nanograd|transformer|tests|benchmarks
 BARE_FILE = re.compile(r"(?<![\w/.-])([\w-]+\.py)\b")
 # a dotted module path, anywhere: nanograd.fast.kernels, python -m transformer.plot, nanograd.block.PLAIN_KERNELS,
 MODULE = re.compile(r"(?<![\w/.-])((?:nanograd|transformer)(?:\.[A-Za-z_]\w*)+)")
-# a relative markdown link: [model](model.md),
-LINK = re.compile(r"\]\((?!\w+://)([^)#\s]+)")
+# a relative markdown link, and its #anchor if it has one: [model](model.md#backward),
+LINK = re.compile(r"\]\((?!\w+://)([^)#\s]*)(?:#([^)\s]*))?\)")
 # and, inside `inline code` only: a test name (test_resume_is_bit_identical, also tests/test_x.py::test_y),
 TEST = re.compile(r"(?:(tests/test_\w+\.py)::)?(?<![\w/])(test_\w+)(?![\w.])")
 # Class.member (Model.backward, FastAdamW.start) when Class is a class of the repository,
@@ -152,6 +152,12 @@ def class_has(classes, cls, member):
                                          for _, attributes in classes.get(base.__name__, []))
 
 
+def anchors(page):
+    """The #anchors GitHub gives a page's headings: lowercase, punctuation dropped, spaces to hyphens."""
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+ (.*)$", page.read_text(), re.M)}
+
+
 def missing_references(pages):
     """(page, kind, text) for every reference on the pages whose target does not exist."""
     names, tests, classes = code_names()
@@ -162,7 +168,12 @@ def missing_references(pages):
         missing += [(where, "path", p) for p in FOLDER_PATH.findall(text) if not (ROOT / p.rstrip(".")).exists()]
         missing += [(where, "file", f) for f in BARE_FILE.findall(text) if f not in basenames]
         missing += [(where, "module", m) for m in MODULE.findall(text) if not module_path_exists(m)]
-        missing += [(where, "link", t) for t in LINK.findall(text) if not (page.parent / t).exists()]
+        for target, anchor in LINK.findall(text):
+            linked = page.parent / target if target else page
+            if not linked.exists():
+                missing.append((where, "link", target))
+            elif anchor and (not linked.is_file() or anchor not in anchors(linked)):
+                missing.append((where, "link", f"{target}#{anchor}"))
         for span in re.findall(r"`([^`\n]+)`", text):
             for file, test in TEST.findall(span):
                 if test not in tests or (file and file not in tests[test]):
@@ -189,16 +200,19 @@ def test_the_reference_check_sees_each_kind_of_reference(tmp_path):
     things that exist get none."""
     page = tmp_path / "page.md"
     page.write_text(
-        "Gone: `nanograd/gone.py`, [x](gone.md), python -m nanograd.gone_module, nanograd.block.gone_attr,\n"
+        "Gone: `nanograd/gone.py`, [x](gone.md), [y](.#top), [z](#nowhere), python -m nanograd.gone_module, nanograd.block.gone_attr,\n"
         "`Model.gone_method`, `gone_function(x)`, `gone_name`, `test_gone`, `tests/test_block.py::test_gone2`,\n"
         "`tests/test_block.py::test_what_the_docs_name_exists` and gone_file.py.\n"
         "Prose: c_n, `S_n`, `dout_n`, `sqrt(v)`, `x.shape`, e.g. this, `Wq.reshape(NH * hs, C)`, nanograd-transformer.\n"
         "There: nanograd/block.py, tests/, `Model.backward`, `FastModel.head_ready`, `block_forward(x)`,\n"
-        "`attention_backward`, nanograd.block.PLAIN_KERNELS, `test_what_the_docs_name_exists`, train.py.\n")
+        "`attention_backward`, nanograd.block.PLAIN_KERNELS, `test_what_the_docs_name_exists`, train.py,\n"
+        "[here](#the-pages-own-heading), [there](page.md#the-pages-own-heading).\n"
+        "## The page's own heading\n")
     assert missing_references([page]) == [
         ("page.md", "path", "nanograd/gone.py"), ("page.md", "file", "gone_file.py"),
         ("page.md", "module", "nanograd.gone_module"), ("page.md", "module", "nanograd.block.gone_attr"),
-        ("page.md", "link", "gone.md"), ("page.md", "member", "Model.gone_method"),
+        ("page.md", "link", "gone.md"), ("page.md", "link", ".#top"), ("page.md", "link", "#nowhere"),
+        ("page.md", "member", "Model.gone_method"),
         ("page.md", "name", "gone_function(x)"), ("page.md", "name", "gone_name"), ("page.md", "test", "test_gone"),
         ("page.md", "test", "tests/test_block.py::test_gone2"),
         ("page.md", "test", "tests/test_block.py::test_what_the_docs_name_exists")]
