@@ -1,4 +1,5 @@
-"""The formulas of docs/*.md that are code, checked against what they were derived from.
+"""The formulas of docs/*.md that are code, checked against what they were derived from; and what
+every docs page quotes or names (code lines, files, modules, links, tests, functions) checked to exist.
 
 Each test builds the long way round with NumPy (an explicit Jacobian, a one-hot
 matrix, the textbook lines, finite differences along one path) and holds the
@@ -164,7 +165,8 @@ def missing_references(pages):
     basenames = {p.name for p in python_files()}
     missing = []
     for page in pages:
-        text, where = page.read_text(), page.name
+        text = page.read_text()
+        where = page.relative_to(ROOT).as_posix() if page.is_relative_to(ROOT) else page.name
         missing += [(where, "path", p) for p in FOLDER_PATH.findall(text) if not (ROOT / p.rstrip(".")).exists()]
         missing += [(where, "file", f) for f in BARE_FILE.findall(text) if f not in basenames]
         missing += [(where, "module", m) for m in MODULE.findall(text) if not module_path_exists(m)]

@@ -10,7 +10,7 @@ import pytest
 import nanograd
 from nanograd import gradcheck
 from nanograd.backend import cupy_unavailable_reason
-from nanograd.gradcheck import ATOL, RTOL, FAST_PATH, check_kernel, compare, numerical_gradient, standard_cases
+from nanograd.gradcheck import ATOL, REL_FLOOR, RTOL, FAST_PATH, check_kernel, compare, numerical_gradient, standard_cases
 from nanograd.layernorm import layernorm_forward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,16 +105,17 @@ def test_bad_flags_are_one_line_and_exit_2(argv, message, capsys):
     assert err.count("\n") == 1 and err.startswith(f"error: {message}"), err
 
 
-def test_relative_error_only_where_the_gradient_is_above_atol():
-    """|n| <= ATOL is finite-difference noise: a relative error there says nothing, so max rel err
-    leaves it out (nan, shown '-', when every entry is that small), while max abs err and the pass
-    rule still see it."""
-    n = np.array([1e-9, 5e-8, 0.5, 2.0])
-    a = n + np.array([1e-10, 1e-10, 1e-7, 4e-6])
+def test_relative_error_only_where_the_tolerance_is_relative():
+    """Where |n| <= ATOL/RTOL the tolerance is ATOL and the error is finite-difference noise: a
+    relative error there says nothing, so max rel err leaves it out (nan, shown '-', when every
+    entry is that small), while max abs err and the pass rule still see it."""
+    assert REL_FLOOR == ATOL / RTOL > ATOL
+    n = np.array([1e-9, 5e-8, 2e-7, 1e-4, 0.5, 2.0])
+    a = n + np.array([1e-10, 1e-10, 5e-8, 5e-8, 1e-7, 4e-6])
     row = compare("k", "x", a, n)
-    assert row.max_rel == pytest.approx(2e-6)  # 4e-6 / 2.0; not 1e-10 / 1e-9 = 0.1
+    assert row.max_rel == pytest.approx(2e-6)  # 4e-6 / 2.0; not 0.1, 0.25 or 5e-4 below the floor
     assert row.max_abs == pytest.approx(4e-6) and row.ok
-    tiny = compare("k", "x", np.array([3e-9, -2e-8]), np.array([1e-9, 1e-8]))
+    tiny = compare("k", "x", np.array([3e-9, -2e-8, 1e-3]), np.array([1e-9, 1e-8, 1e-3 + 5e-8]))
     assert np.isnan(tiny.max_rel) and tiny.ok
     out = io.StringIO()
     gradcheck.print_table([tiny], file=out)
