@@ -290,7 +290,8 @@ def print_table(rows, file=None, notes=()):
     for note in notes:
         print(note, file=file)
     print(f"max rel err: over |n| > {REL_FLOOR:g} = ATOL/RTOL only, where the tolerance is relative "
-          f"('-': none); worst index: largest err/tol = |a-n| / ({ATOL:g} + {RTOL:g}|n|)", file=file)
+          f"('-': none);\nworst index: largest err/tol = |a-n| / ({ATOL:g} + {RTOL:g}|n|); vs torch n/a: no torch twin",
+          file=file)
     failed = [r for r in rows if not r.ok]
     print(f"{len(rows) - len(failed)} of {len(rows)} gradients agree with finite differences "
           f"(pass when |a-n| <= {ATOL:g} + {RTOL:g}|n|, that is err/tol <= 1)", file=file)

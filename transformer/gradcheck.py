@@ -58,9 +58,9 @@ def model_case(xp, seed=0):
     def note(rows):
         name, index = picks[rows[0].worst_index[0]]
         settings = ", ".join(f"{k}={v}" for k, v in MODEL_H_PARAMS.items())
-        return (f"model: transformer.Model({settings}) in float64, B={B} T={T}; {len(picks)} entries, "
-                f"{ENTRIES_PER_PARAM} random ones of each of its {len(model.params)} parameters; "
-                f"worst {rows[0].worst_index} is {name}{list(index)}")
+        return (f"model: transformer.Model({settings}) in float64, B={B} T={T};\n"
+                f"       {len(picks)} entries, {ENTRIES_PER_PARAM} random ones of each of its {len(model.params)} "
+                f"parameters; worst {rows[0].worst_index} is {name}{list(index)}")
 
     return gradcheck.Case("model", forward, backward, [entries], [0], ["params"], None), note
 
