@@ -146,11 +146,17 @@ def module_path_exists(dotted):
 
 
 def class_has(classes, cls, member):
-    """member is an attribute of the class (its own or inherited), or assigned as self.member in it or a base."""
-    module, _ = classes[cls][0]
-    klass = getattr(importlib.import_module(module), cls)
-    return hasattr(klass, member) or any(member in attributes for base in klass.__mro__
-                                         for _, attributes in classes.get(base.__name__, []))
+    """member is an attribute of a class of that name (its own or inherited: transformer.book_torch's
+    Model has torch's state_dict), or assigned as self.member in it or a base."""
+    for module, _ in classes[cls]:
+        try:
+            klass = getattr(importlib.import_module(module), cls)
+        except ImportError:  # book_torch without torch: nothing to check it against
+            return True
+        if hasattr(klass, member) or any(member in attributes for base in klass.__mro__
+                                         for _, attributes in classes.get(base.__name__, [])):
+            return True
+    return False
 
 
 def anchors(page):
