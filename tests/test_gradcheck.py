@@ -96,7 +96,7 @@ def test_kernel_flag_checks_that_kernel_alone(kernel, capsys):
     (["--kernel", "softmax"], "argument --kernel: invalid choice: 'softmax'"),
     (["--seed", "-1"], "argument --seed: must be an integer from 0 to 2**63 - 1, got '-1'"),
     (["--kern", "relu"], "unrecognized arguments: --kern relu"),
-])
+], ids=["kernel-model", "kernel-unknown", "seed-negative", "abbreviated"])
 def test_bad_flags_are_one_line_and_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         gradcheck.main(argv)
