@@ -7,6 +7,7 @@ project's kernel to it, in float64.
 """
 import ast
 import importlib
+import importlib.util
 import pathlib
 import re
 
@@ -98,8 +99,8 @@ def python_files():
 
 def code_names():
     """Every name the code outside tests/ defines or uses (functions, classes, variables, attributes,
-    arguments, identifier-like strings), the test functions and their files, and each class's module
-    and self.attributes."""
+    arguments, identifier-like strings), the test functions and their files, and each class of the two
+    packages with its module and self.attributes (scripts are not imported: they would run)."""
     names, tests, classes = set(), {}, {}
     for path in python_files():
         module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
@@ -111,7 +112,7 @@ def code_names():
                 continue
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
                 names.add(node.name)
-                if isinstance(node, ast.ClassDef):
+                if isinstance(node, ast.ClassDef) and path.relative_to(ROOT).parts[0] in ("nanograd", "transformer"):
                     attributes = {a.attr for a in ast.walk(node) if isinstance(a, ast.Attribute)
                                   and isinstance(a.ctx, ast.Store) and isinstance(a.value, ast.Name)
                                   and a.value.id == "self"}
@@ -130,13 +131,21 @@ def code_names():
 
 
 def module_path_exists(dotted):
-    """nanograd.a.b.c: the longest importable prefix, then attributes."""
+    """nanograd.a.b.c: the longest prefix that is a module, then attributes of it."""
     parts = dotted.split(".")
     for i in range(len(parts), 0, -1):
         try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
+            found = importlib.util.find_spec(".".join(parts[:i])) is not None
+        except ImportError:  # a prefix that is a module, not a package
+            found = False
+        if not found:
             continue
+        if i == len(parts):
+            return True
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:  # the module is there; an optional package it needs is not
+            return True
         for attribute in parts[i:]:
             if not hasattr(obj, attribute):
                 return False
