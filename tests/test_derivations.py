@@ -7,7 +7,6 @@ project's kernel to it, in float64.
 """
 import ast
 import importlib
-import importlib.util
 import pathlib
 import re
 
@@ -130,27 +129,36 @@ def code_names():
     return names, tests, classes
 
 
-def module_path_exists(dotted):
-    """nanograd.a.b.c: the longest prefix that is a module, then attributes of it."""
+def top_level_names(path):
+    """What a module defines or imports at its top level."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            names |= {t.id for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                      if isinstance(t, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+def module_path_exists(dotted, classes):
+    """nanograd.a.b.c: the longest prefix that is a module file of the repository (looked up as a file,
+    not imported: an installed copy elsewhere must not answer for it), then a name it defines, then
+    a member of that name when it is a class."""
     parts = dotted.split(".")
     for i in range(len(parts), 0, -1):
-        try:
-            found = importlib.util.find_spec(".".join(parts[:i])) is not None
-        except ImportError:  # a prefix that is a module, not a package
-            found = False
-        if not found:
+        base = ROOT.joinpath(*parts[:i])
+        module = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+        if not module.is_file():
             continue
-        if i == len(parts):
+        rest = parts[i:]
+        if not rest:
             return True
-        try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ImportError:  # the module is there; an optional package it needs is not
-            return True
-        for attribute in parts[i:]:
-            if not hasattr(obj, attribute):
-                return False
-            obj = getattr(obj, attribute)
-        return True
+        if rest[0] not in top_level_names(module):
+            return False
+        return len(rest) == 1 or (len(rest) == 2 and rest[0] in classes and class_has(classes, *rest))
     return False
 
 
@@ -184,7 +192,7 @@ def missing_references(pages):
         where = page.relative_to(ROOT).as_posix() if page.is_relative_to(ROOT) else page.name
         missing += [(where, "path", p) for p in FOLDER_PATH.findall(text) if not (ROOT / p.rstrip(".")).exists()]
         missing += [(where, "file", f) for f in BARE_FILE.findall(text) if f not in basenames]
-        missing += [(where, "module", m) for m in MODULE.findall(text) if not module_path_exists(m)]
+        missing += [(where, "module", m) for m in MODULE.findall(text) if not module_path_exists(m, classes)]
         for target, anchor in LINK.findall(text):
             linked = page.parent / target if target else page
             if not linked.exists():
@@ -222,7 +230,8 @@ def test_the_reference_check_sees_each_kind_of_reference(tmp_path):
         "`tests/test_block.py::test_what_the_docs_name_exists` and gone_file.py.\n"
         "Prose: c_n, `S_n`, `dout_n`, `sqrt(v)`, `x.shape`, e.g. this, `Wq.reshape(NH * hs, C)`, nanograd-transformer.\n"
         "There: nanograd/block.py, tests/, `Model.backward`, `FastModel.head_ready`, `block_forward(x)`,\n"
-        "`attention_backward`, nanograd.block.PLAIN_KERNELS, `test_what_the_docs_name_exists`, train.py,\n"
+        "`attention_backward`, nanograd.block.PLAIN_KERNELS, transformer.model.Model.backward, python -m\n"
+        "transformer.plot, nanograd.gradcheck.check_kernel, `test_what_the_docs_name_exists`, train.py,\n"
         "[here](#the-pages-own-heading), [there](page.md#the-pages-own-heading).\n"
         "## The page's own heading\n")
     assert missing_references([page]) == [
