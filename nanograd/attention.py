@@ -119,7 +119,7 @@ def attention_backward(dout, cache, softmax_backward=causal_softmax_backward):
     dWq = (dq_rows.T @ x_rows).reshape(NH, hs, C)  # (NH, hs, C)
     dWk = (dk_rows.T @ x_rows).reshape(NH, hs, C)  # (NH, hs, C)
     dWv = (dv_rows.T @ x_rows).reshape(NH, hs, C)  # (NH, hs, C)
-    dx = (dq_rows @ Wq.reshape(NH * hs, C)
-          + dk_rows @ Wk.reshape(NH * hs, C)
-          + dv_rows @ Wv.reshape(NH * hs, C))  # (B*T, C)
-    return dx.reshape(B, T, C), dWq, dWk, dWv
+    dx_rows = (dq_rows @ Wq.reshape(NH * hs, C)
+               + dk_rows @ Wk.reshape(NH * hs, C)
+               + dv_rows @ Wv.reshape(NH * hs, C))  # (B*T, C)
+    return dx_rows.reshape(B, T, C), dWq, dWk, dWv

@@ -17,7 +17,8 @@ import time
 import numpy as np
 import pytest
 
-from nanograd.fast.mpi import (GradientSync, accum_per_rank, launched_by_mpiexec,
+from transformer.settings import accum_per_rank
+from nanograd.fast.mpi import (GradientSync, launched_by_mpiexec,
                                launcher_rank)
 from transformer.errors import UserError
 from transformer.state import load_state

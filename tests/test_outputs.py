@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import time
 import stat
 import subprocess
 import sys
@@ -277,7 +278,8 @@ def test_a_claim_after_a_finished_run_sees_its_files(tmp_path):
 def test_a_failed_run_leaves_no_new_folder(data, tmp_path, capsys, monkeypatch):
     """The lock makes --out's folders; a run stopped before it saves removes them again."""
     out = tmp_path / "new" / "deeper" / "m.ckpt"
-    monkeypatch.setattr(train, "progress_bar", lambda *a, **k: (_ for _ in ()).throw(UserError("stop here")))
+    from transformer import progress
+    monkeypatch.setattr(progress, "progress_bar", lambda *a, **k: (_ for _ in ()).throw(UserError("stop here")))
     assert main("--data", data, "--out", out, *S) == 2
     one_error(capsys, r"^error: stop here$")
     assert list(tmp_path.iterdir()) == [data]
@@ -441,3 +443,40 @@ def test_lock_file_is_removed_and_stale_one_reused(tmp_path):
     assert Path(path).read_text() == f"{os.getpid()}\n"
     run.release()
     assert not Path(path).exists()
+
+
+# ---- counts of 10^12: streamed, and a signal stops them at once -------------------------
+
+def rss_kb(pid):
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+@pytest.mark.parametrize("flag", ["--eval-iters", "--grad-accum-steps"])
+def test_a_count_of_10_to_the_12_streams_and_sigterm_stops_it_at_once(data, tmp_path, flag):
+    """Issue 23.1 and 23.2: --eval-iters or --grad-accum-steps 10^12 built every batch up front
+    (gigabytes, SIGTERM ignored).  Now batches are drawn one at a time, so memory stays flat while
+    it runs; SIGTERM mid-phase saves the last whole step (0 here: the phase never ends) at once."""
+    out = tmp_path / "m.ckpt"
+    args = [*S, "--max-iters", "3", flag, str(10**12)]
+    proc = subprocess.Popen([sys.executable, "train.py", "--data", str(data), "--out", str(out), *args],
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("Model:"):
+                break
+        time.sleep(2)  # well into the endless evaluation or accumulation
+        early = rss_kb(proc.pid)
+        time.sleep(2)
+        late = rss_kb(proc.pid)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rest, err = proc.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, rest + err
+    assert late - early < 5_000, f"memory grew by {late - early} kB in 2 s"
+    assert took < 3, f"{took:.1f} s from SIGTERM to exit"  # a tiny model: milliseconds per batch
+    assert "Interrupted by SIGTERM after step 0; checkpoint saved to" in rest
+    assert load_state(out)[1]["step"] == 0

@@ -35,7 +35,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from transformer.checkpoint import save_checkpoint
+from transformer.checkpoint import load_checkpoint, save_checkpoint
 from transformer.data import read_text
 from transformer.errors import UserError
 from transformer.state import load_state
@@ -147,14 +147,16 @@ def files(tmp_path_factory):
     f["corrupted"] = d / "corrupted.ckpt"
     f["corrupted"].write_bytes(blob[:len(blob) // 2] + bytes([blob[len(blob) // 2] ^ 0x40])
                                + blob[len(blob) // 2 + 1:])
-    f["version99"] = d / "version99.ckpt"  # a valid file of a format version from the future
-    body = blob[:8] + struct.pack("<I", 99) + blob[12:-32]
-    f["version99"].write_bytes(body + hashlib.sha256(body).digest())
-    tensors, meta = load_state(f["good"])
+    f["version9"] = d / "version9.ckpt"  # a valid file of a format version from the future
+    version9 = blob.replace(b'"format_version":"2"', b'"format_version":"9"')  # the same length
+    (digest,) = re.findall(rb'"sha256":"([0-9a-f]{64})"', version9)
+    f["version9"].write_bytes(version9.replace(digest, hashlib.sha256(
+        version9.replace(digest, b"0" * 64)).hexdigest().encode()))
+    tensors, meta = load_checkpoint(f["good"])
     f["other_format"] = d / "other_format.ckpt"
     save_checkpoint(f["other_format"], {"w": np.zeros(3, np.float32)}, {"format": "someone-else"})
     f["no_optimizer"] = d / "weights_only.ckpt"  # what an export for inference would hold
-    save_checkpoint(f["no_optimizer"], {k: v for k, v in tensors.items() if not k.startswith("adamw/")},
+    save_checkpoint(f["no_optimizer"], {k: v for k, v in tensors.items() if not k.startswith("adamw.")},
                     {**meta, "adamw": None})
     for path in d.iterdir():
         protect(path)
@@ -177,9 +179,9 @@ BAD_CHECKPOINTS = [
     ("directory", "{dir}", r"folder is a directory"),
     ("truncated", "{truncated}", r"corrupted or truncated"),
     ("corrupted", "{corrupted}", r"corrupted or truncated"),
-    ("unknown-version", "{version99}", r"format version 99 .*reads only"),
+    ("unknown-version", "{version9}", r"format version '9' but this code reads only version\(s\) 1, 2"),
     ("not-a-checkpoint", "{not_ckpt}",
-     r"not a checkpoint of this project \(wrong magic bytes\); pass a checkpoint written by train\.py"),
+     r"not a checkpoint of this project \(not a safetensors file\); pass a checkpoint written by train\.py"),
     ("other-format", "{other_format}",
      r"not of a nanograd-transformer model; pass a checkpoint written by train\.py"),
 ]
@@ -407,7 +409,7 @@ def test_resume_is_bit_identical(tmp_path, files):
     assert step_lines(first.stdout) + step_lines(rest.stdout) == step_lines(straight.stdout)
     a_tensors, a_meta = load_state(tmp_path / "straight.ckpt")
     b_tensors, b_meta = load_state(tmp_path / "part.ckpt")
-    assert any(name.startswith("adamw/m/") for name in a_tensors)
+    assert any(name.startswith("adamw.exp_avg.") for name in a_tensors)
     tensors_equal(a_tensors, b_tensors)
     assert a_meta == b_meta  # step, AdamW's t and hyperparameters, the run's settings
     assert a_meta["step"] == 6 and a_meta["adamw"]["t"] == 6

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from transformer.data import split, tokenize
 from transformer.model import Model, parameter_shapes
@@ -24,6 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # train.py is a script at the repository root, not part of the installed packages
     sys.path.insert(0, REPO)
 import train  # noqa: E402
+from transformer.evaluation import full_loss  # noqa: E402
 TINY = ["--d-model", "16", "--num-blocks", "1", "--num-heads", "2", "--context-length", "16",
         "--batch-size", "4", "--max-iters", "30", "--eval-interval", "10", "--eval-iters", "2",
         "--learning-rate", "3e-3", "--no-progress"]
@@ -116,6 +118,9 @@ def test_checkpoint_loads_with_the_right_h_params(trained, corpus):
     model = build_model(tensors, meta)
     assert list(model.params) == list(parameter_shapes(expected))
     assert "vocab" not in tensors
+    stored = safetensors.numpy.load_file(ckpt)  # any safetensors reader: the book's names, AdamW's moments
+    assert all(np.array_equal(stored[name], tensors[name]) for name in model.params)
+    assert "adamw.exp_avg_sq.model_out_linear_layer.weight" in stored
     # the trained weights are not the initial ones, and the model still runs
     fresh = Model(expected, seed=1337)
     assert all(not np.array_equal(model.params[n], fresh.params[n]) for n in model.params)
@@ -156,7 +161,7 @@ def test_inference_prints_text_and_every_parameter(trained):
     tensors, meta = load_state(ckpt)
     expected = [(name, tuple(shape)) for name, shape in parameter_shapes(meta["h_params"]).items()]
     assert shapes == expected
-    assert count == sum(tensors[f"params/{name}"].size for name, _ in expected)
+    assert count == sum(tensors[name].size for name, _ in expected)
 
 
 # ---- --compact-vocab: a dense vocabulary, mapped back by inference ----------------------------
@@ -170,7 +175,7 @@ def test_compact_vocab_round_trip(corpus, tmp_path):
     tensors, meta = load_state(tmp_path / "c.ckpt")
     np.testing.assert_array_equal(tensors["vocab"], vocab)
     assert meta["h_params"]["max_token_value"] == len(vocab) < 50
-    assert tensors["params/model_out_linear_layer.weight"].shape == (len(vocab), 16)
+    assert tensors["model_out_linear_layer.weight"].shape == (len(vocab), 16)
 
     prompt, new, seed = "The class will", 30, 5
     out = run_script("inference.py", "--ckpt", "c.ckpt", "--prompt", prompt, "--max-new-tokens", new,
@@ -216,7 +221,7 @@ def test_full_loss_is_the_mean_over_every_token(length):
     h = dict(d_model=8, num_blocks=1, num_heads=2, context_length=8, dropout=0.0, max_token_value=13)
     model = Model(h, dtype="float64", seed=1).eval()
     data = np.random.default_rng(length).integers(0, 13, size=length)  # (N,)
-    full = train.full_loss(model, data, 8, batch_size=4)
+    full = full_loss(model, data, 8, batch_size=4)
     assert full == pytest.approx(per_token_mean_loss(model, data, 8), rel=LOSS_RTOL)
     if length <= 9:  # one window: one long pass
         assert full == pytest.approx(model(data[:-1][None], data[1:][None])[1], rel=LOSS_RTOL)
@@ -232,7 +237,7 @@ def test_float64_eval_full_and_resume(corpus, tmp_path, capsys):
     assert "float64" in out
     tensors, meta = load_state(first)
     assert meta["dtype"] == "float64" and meta["step"] == 10
-    assert tensors["params/model_out_linear_layer.weight"].dtype == np.float64
+    assert tensors["model_out_linear_layer.weight"].dtype == np.float64
 
     resumed = tmp_path / "resumed.ckpt"
     shutil.copy(first, resumed)
@@ -269,7 +274,7 @@ def test_grad_accumulation_averages_the_micro_batches(corpus, tmp_path, capsys):
         grads.append({name: g.copy() for name, g in model.backward().items()})  # backward reuses arrays
     for name in model.params:
         mean = (grads[0][name] + grads[1][name]) / 2
-        np.testing.assert_allclose(tensors[f"adamw/m/{name}"], 0.1 * mean, rtol=MOMENT_RTOL,
+        np.testing.assert_allclose(tensors[f"adamw.exp_avg.{name}"], 0.1 * mean, rtol=MOMENT_RTOL,
                                    atol=MOMENT_ATOL_SCALE * np.abs(mean).max(), err_msg=name)
 
 
@@ -287,7 +292,7 @@ def test_grad_clip_scales_every_gradient_before_adamw_sees_it(corpus, tmp_path, 
     norm = math.sqrt(sum(float(np.sum(g * g)) for g in grads.values()))
     assert norm > 0.01  # so the clip did scale
     for name, g in grads.items():
-        np.testing.assert_allclose(tensors[f"adamw/m/{name}"], 0.1 * g * (0.01 / (norm + 1e-6)), rtol=MOMENT_RTOL,
+        np.testing.assert_allclose(tensors[f"adamw.exp_avg.{name}"], 0.1 * g * (0.01 / (norm + 1e-6)), rtol=MOMENT_RTOL,
                                    atol=MOMENT_ATOL_SCALE * np.abs(g).max(), err_msg=name)
 
 
@@ -360,7 +365,8 @@ def test_checkpoints_are_written_beside_the_loop_from_a_still_state(corpus, tmp_
         save_checkpoint(path, tensors, meta)
         unchanged = all(np.array_equal(before[name], array) for name, array in tensors.items())
         saves.append((meta["step"], threading.current_thread() is threading.main_thread(), unchanged))
-    monkeypatch.setattr(train, "save_checkpoint", slow_save)
+    from transformer import saving
+    monkeypatch.setattr(saving, "save_checkpoint", slow_save)
     run_main(["--data", corpus, *TINY, "--out", tmp_path / "m.ckpt"], capsys)
     assert saves == [(10, False, True), (20, False, True), (30, False, True)]
     assert load_state(tmp_path / "m.ckpt")[1]["step"] == 30
@@ -372,7 +378,8 @@ def test_a_failed_save_is_one_sentence(corpus, tmp_path, capsys, monkeypatch, at
         if meta["step"] == at_step:
             raise OSError(28, "No space left on device")
         save_checkpoint(path, tensors, meta)
-    monkeypatch.setattr(train, "save_checkpoint", full_disk)
+    from transformer import saving
+    monkeypatch.setattr(saving, "save_checkpoint", full_disk)
     out = tmp_path / "m.ckpt"
     assert train.main([str(a) for a in ["--data", corpus, *TINY, "--out", out]]) == 2
     err = capsys.readouterr().err

@@ -22,6 +22,8 @@ MEMORY_LIMIT_ENV = "NANOGRAD_MEMORY_LIMIT"  # bytes; caps the budget below the m
 TOKENIZER_IDS = 100277  # cl100k_base: ranks 0..100255 and special tokens up to 100276
 FLOATS = ("float32", "float64")
 MAX_SEED = 2**64  # seeds are NumPy SeedSequence entropy: 0 <= seed < 2**64
+JSON_BYTES_PER_BYTE = 40  # Python objects parsed from one byte of JSON, at worst ("{}," is a 64-byte dict)
+MAX_NDIM = 32  # a checkpoint's tensors: NumPy allows 64; no tensor of a model has more than a few
 
 
 # ---- memory ------------------------------------------------------------------------------
@@ -128,24 +130,32 @@ _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character de
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
 
 
-def read_file(path, what, error=UserError, per_byte=2):
-    """The bytes of the regular file at path, `error` if it is a pipe, a device or too big.
-
-    Opened without blocking (a FIFO would otherwise wait for a writer forever), checked
-    with fstat on the open file, and read only up to the size it had then: /dev/zero and
-    a file that grows are never read without end.  per_byte: bytes of memory that
-    handling one byte of the file takes (the read itself and what is built from it).
-    OSError (missing, no permission) is left to the caller, who words it for its file.
-    """
+def open_regular(path, what, error=UserError):
+    """The file at path opened for reading, `error` if it is a pipe, a device or a directory.
+    Opened without blocking (a FIFO would otherwise wait for a writer forever) and checked
+    with fstat on the open file.  OSError (missing, no permission) is left to the caller."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            kind = next((name for test, name in _KINDS if test(info.st_mode)), "not a regular file")
-            raise error(f"{what} {path} is {kind}, not a regular file; pass the path of a file")
-        check_memory(info.st_size * per_byte, f"reading {what} {path} ({size_text(info.st_size)}) needs",
+    f = os.fdopen(fd, "rb")
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        f.close()
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise error(f"{what} {path} is {kind}, not a regular file; pass the path of a file")
+    return f
+
+
+def read_file(path, what, error=UserError, per_byte=2):
+    """The bytes of the regular file at path (open_regular), `error` if it is too big.
+
+    Read only up to the size it had when opened: /dev/zero and a file that grows are never
+    read without end.  per_byte: bytes of memory that handling one byte of the file takes
+    (the read itself and what is built from it).
+    """
+    with open_regular(path, what, error) as f:
+        size = os.fstat(f.fileno()).st_size
+        check_memory(size * per_byte, f"reading {what} {path} ({size_text(size)}) needs",
                      "pass a smaller file or use a machine with more memory", error)
-        return f.read(info.st_size)
+        return f.read(size)
 
 
 # ---- settings ----------------------------------------------------------------------------
@@ -233,13 +243,22 @@ def check_seed(seed, flag="--seed"):
 
 # ---- checkpoints ---------------------------------------------------------------------------
 
+MOMENT_LABELS = {"adamw.exp_avg.": "AdamW's first moment of", "adamw.exp_avg_sq.": "AdamW's second moment of"}
+TOKENIZER = "cl100k_base"
+
+
+def mask_names(h):
+    """The book's causal-mask buffers for h_params: one (T, T) per head per block."""
+    return [f"transformer_blocks.{i}.mha.heads.{j}.mask" for i in range(h["num_blocks"]) for j in range(h["num_heads"])]
+
+
 def _expected_names(meta, tensors, path):
     """parameter name -> shape of meta's h_params, once their count is known to be in the file
     and the model they make is known to fit in memory."""
     from .model import parameter_shapes  # model imports this module
     h = meta["h_params"]
     count = parameter_tensor_count(h)
-    have = sum(name.startswith("params/") for name in tensors)
+    have = sum(not name.startswith("adamw.") and not name.endswith(".mask") for name in tensors)
     if count > len(tensors):  # listing them would cost more than the file holds: refuse by count
         raise CheckpointError(f"checkpoint {path} holds {have} parameter tensors but its h_params "
                               f"describe {count}; it does not match its own h_params")
@@ -309,16 +328,37 @@ def _check_run(path, run, meta, has_vocab):
 
 def _check_vocab(path, vocab, size):
     """CheckpointError unless vocab maps the model's ids 0..size-1 to cl100k ids, sorted and distinct."""
-    where = f"checkpoint {path}'s vocab tensor"
-    if vocab.ndim != 1 or vocab.dtype.kind not in "iu":
-        raise CheckpointError(f"{where} must be a 1-D array of token ids, got {vocab.ndim}-D "
-                              f"{vocab.dtype}; the file was edited or damaged")
+    where = f"checkpoint {path}'s vocab"
+    if not isinstance(vocab, list) or not all(map(is_int, vocab)):
+        raise CheckpointError(f"{where} must be a list of token ids, got {short(vocab)}; "
+                              "the file was edited or damaged")
     if len(vocab) != size:
         raise CheckpointError(f"{where} holds {len(vocab)} ids but the model has {size}; "
                               "the file was edited or damaged")
-    if vocab.min() < 0 or vocab.max() >= TOKENIZER_IDS or (np.diff(vocab) <= 0).any():
+    if not all(0 <= i < TOKENIZER_IDS for i in vocab) or any(a >= b for a, b in zip(vocab, vocab[1:])):
         raise CheckpointError(f"{where} must hold distinct ids in [0, {TOKENIZER_IDS}) in increasing "
                               "order; the file was edited or damaged")
+
+
+def _check_masks(path, tensors, h, dtype):
+    """CheckpointError unless the causal masks are all there and tril(ones(T, T)), or all absent
+    (a checkpoint of the first format holds none)."""
+    names = mask_names(h)
+    present = [name for name in names if name in tensors]
+    if not present:
+        return
+    if len(present) != len(names):
+        missing = next(name for name in names if name not in tensors)
+        raise CheckpointError(f"checkpoint {path} lacks the causal mask {missing} but holds others; "
+                              "the file was edited or damaged")
+    T = h["context_length"]
+    for name in names:
+        _check_array(path, name, tensors[name], (T, T), dtype)  # its shape first: tril below is no bigger
+    tril = np.tril(np.ones((T, T), dtype=dtype))  # (T, T)
+    for name in names:
+        if not np.array_equal(tensors[name], tril):
+            raise CheckpointError(f"checkpoint {path}'s tensor {name} is not the causal mask "
+                                  "tril(ones(T, T)); the file was edited or damaged")
 
 
 def check_state(tensors, meta, path, format_name):
@@ -344,26 +384,31 @@ def check_state(tensors, meta, path, format_name):
     adamw = meta.setdefault("adamw", None)
     if adamw is not None:
         _check_adamw(path, adamw, step)
-    _check_run(path, meta.setdefault("run", {}), meta, "vocab" in tensors)
-    if "vocab" not in tensors and h["max_token_value"] > TOKENIZER_IDS:
+    vocab = meta.setdefault("vocab", None)
+    if meta.setdefault("tokenizer", TOKENIZER) != TOKENIZER:
+        raise CheckpointError(f"checkpoint {path} was made for the tokenizer {short(meta['tokenizer'])}; "
+                              f"this code has only {TOKENIZER}")
+    _check_run(path, meta.setdefault("run", {}), meta, vocab is not None)
+    if vocab is None and h["max_token_value"] > TOKENIZER_IDS:
         raise CheckpointError(f"checkpoint {path} has max_token_value {h['max_token_value']} but the "
                               f"tokenizer has only {TOKENIZER_IDS} ids; the file was edited or damaged")
     shapes = _expected_names(meta, tensors, path)  # counted first: a crafted num_blocks lists nothing
-    moments = ("adamw/m/", "adamw/v/") if adamw is not None else ()
-    expected = {f"params/{n}" for n in shapes} | {f"{m}{n}" for m in moments for n in shapes} | {"vocab"}
+    moments = tuple(MOMENT_LABELS) if adamw is not None else ()
+    expected = {*shapes, *(m + n for m in moments for n in shapes)}
+    masks = set(mask_names(h))  # listed only now: num_blocks and num_heads are known to fit the file
     for name in tensors:
-        if name not in expected:
+        if name not in expected and name not in masks:
             raise CheckpointError(f"checkpoint {path} holds an unexpected tensor {short(name)}; "
                                   "it does not match its own h_params and optimizer entries")
     for name, shape in shapes.items():
-        for prefix in ("params/", *moments):
+        for prefix in ("", *moments):
             stored = tensors.get(prefix + name)
             if stored is None:
-                label = {"params/": "parameter", "adamw/m/": "AdamW's first moment of",
-                         "adamw/v/": "AdamW's second moment of"}[prefix]
+                label = MOMENT_LABELS.get(prefix, "parameter")
                 raise CheckpointError(f"checkpoint {path} lacks {label} {name} of shape {tuple(shape)}; "
                                       "it does not match its own h_params")
             _check_array(path, prefix + name, stored, shape, np.dtype(dtype),
-                         non_negative=prefix == "adamw/v/")
-    if "vocab" in tensors:
-        _check_vocab(path, tensors["vocab"], h["max_token_value"])
+                         non_negative=prefix == "adamw.exp_avg_sq.")
+    _check_masks(path, tensors, h, np.dtype(dtype))
+    if vocab is not None:
+        _check_vocab(path, vocab, h["max_token_value"])

@@ -39,7 +39,7 @@ import traceback
 
 import numpy as np
 
-from nanograd.backend import BackendError, get_array_module
+from ..backend import BackendError, get_array_module, to_host
 from ..errors import UserError
 
 # Seconds between a failing rank's last message and MPI_Abort: the launcher forwards each rank's
@@ -294,14 +294,6 @@ class NoOutputs:
         pass
 
 
-def accum_per_rank(total, size):
-    """The micro-batches per rank of a resumed run whose step had `total` of them in all."""
-    if total % size:
-        raise UserError(f"the resumed run adds {total} micro-batches a step, which {size} ranks cannot share "
-                        "evenly; pass --grad-accum-steps k (per rank: a step then adds ranks x k)")
-    return total // size
-
-
 @contextlib.contextmanager
 def quiet_unless_first(comm):
     """Ranks other than 0 print nothing in the block (their stdout and stderr go to os.devnull)."""
@@ -326,6 +318,19 @@ def abort_on_error(comm):
         print(f"rank {comm.rank} of {comm.size} failed:", file=sys.stderr)
         traceback.print_exc()
         comm.abort(1)
+
+
+def start_data_parallel(comm, model, s, args, start, data_sha):
+    """Collective, once every rank has set up the run: all ranks have the same settings, data and
+    weights, or all stop here (check_same).  Returns the run's GradientSync."""
+    comm.check_same({**s, "data": None, "data_sha256": data_sha, "parameters": model.num_params(),
+                     "start": start, "backend": args.backend, "reference": args.reference,
+                     "exact_reduce": args.exact_reduce,
+                     "weights": fingerprint(to_host(p) for p in model.params.values())})
+    k = s["grad_accum_steps"]
+    print(f"Data parallel: {comm.size} ranks, each {k} micro-batch{'es' if k > 1 else ''} a step"
+          f"{', gradients added in rank order' if args.exact_reduce else ''}")
+    return GradientSync(comm, model.params, k, args.exact_reduce)
 
 
 class GradientSync:

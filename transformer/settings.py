@@ -1,0 +1,120 @@
+"""train.py's settings: the book's h_params, the run's other settings, their flags and checks.
+
+Each setting is a flag; a value given now wins, then (with --resume) the
+resumed run's, then the default here.
+"""
+from .errors import CheckpointError, OneLineParser, UserError
+from .state import check_resumable, load_state
+from .validate import check_finite_settings, check_seed, check_training_memory
+
+# The rest of the run's settings and their defaults.
+RUN_DEFAULTS = {
+    "dtype": "float32", "data": None, "save_interval": None,  # None: every eval_interval
+    "lr_schedule": "constant", "warmup_iters": 0, "min_lr": 0.0,
+    "grad_clip": 0.0, "grad_accum_steps": 1, "eval_full": False, "compact_vocab": False,
+}
+ARCHITECTURE = ("d_model", "num_blocks", "num_heads", "context_length", "dropout")
+
+
+def parse_args(argv, book_h_params):
+    parser = OneLineParser(prog="train.py", description="Train the book's Transformer, every gradient computed by hand.")
+    for key, value in book_h_params.items():  # default None: "not given", so --resume can tell
+        parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=None,
+                            help=f"the book's default: {value}")
+    parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default=None, help="default float32")
+    parser.add_argument("--data", default=None, help="UTF-8 text file (default: the built-in corpus)")
+    parser.add_argument("--out", default=None, help="checkpoint path (default model/model.ckpt, or --resume's)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run's checkpoint and metrics at --out (refused otherwise)")
+    parser.add_argument("--resume", default=None, metavar="CKPT", help="continue the run saved in CKPT")
+    parser.add_argument("--save-interval", type=int, default=None,
+                        help="save every N steps (default: at every evaluation; 0: only at the end)")
+    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None)
+    parser.add_argument("--warmup-iters", type=int, default=None, help="linear warm-up steps (default 0)")
+    parser.add_argument("--min-lr", type=float, default=None, help="cosine's final rate (default 0)")
+    parser.add_argument("--grad-clip", type=float, default=None, help="clip the global gradient norm (0: off)")
+    parser.add_argument("--grad-accum-steps", type=int, default=None, help="micro-batches per step (default 1)")
+    parser.add_argument("--eval-full", action="store_true", default=None,
+                        help="also compute the exact loss over the whole validation split")
+    parser.add_argument("--compact-vocab", action="store_true", default=None,
+                        help="renumber the corpus's token ids densely (a much smaller output layer)")
+    parser.add_argument("--wandb", nargs="?", const="LLMZhang_lesson_2", default=None, metavar="PROJECT",
+                        help="log to Weights & Biases (WANDB_MODE=offline works without an account)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--reference", action="store_true",
+                        help="train with the plain Model and AdamW (the code to read; slower, same numbers)")
+    parser.add_argument("--exact-reduce", action="store_true",
+                        help="under mpiexec: add the ranks' gradients in rank order, so the run equals one "
+                             "process's bit for bit (slower)")
+    return parser.parse_args(argv)
+
+
+def resolve_settings(args, saved, book_h_params):
+    """Flags given now win, then the resumed run's settings, then the defaults."""
+    settings = {}
+    for key, default in {**book_h_params, **RUN_DEFAULTS}.items():
+        given = getattr(args, key)
+        settings[key] = given if given is not None else saved.get(key, default)
+        kind = {bool: bool, int: int, float: (int, float), str: str}.get(type(default))
+        if kind and not isinstance(settings[key], kind) or kind is int and isinstance(settings[key], bool):
+            raise CheckpointError(f"checkpoint {args.resume} stores a malformed {key} ({settings[key]!r}); "
+                                  "it cannot be resumed, but inference.py can still use it")
+    if args.resume:
+        for key in ARCHITECTURE + ("compact_vocab", "dtype"):
+            if getattr(args, key) is not None and getattr(args, key) != saved.get(key):
+                raise UserError(f"--{key.replace('_', '-')} differs from the checkpoint's "
+                                f"({saved.get(key)!r}); a resumed run keeps its model")
+    if settings["save_interval"] is None:
+        settings["save_interval"] = settings["eval_interval"]
+    return settings
+
+
+def check_settings(s):
+    """UserError naming the first setting that cannot work."""
+    for key in ("d_model", "num_blocks", "num_heads", "batch_size", "context_length", "max_iters",
+                "eval_interval", "eval_iters", "grad_accum_steps"):
+        if s[key] <= 0:
+            raise UserError(f"--{key.replace('_', '-')} must be a positive integer, got {s[key]}.")
+    for key in ("save_interval", "warmup_iters"):
+        if s[key] < 0:
+            raise UserError(f"--{key.replace('_', '-')} must be 0 or more, got {s[key]}.")
+    if s["d_model"] % s["num_heads"]:
+        raise UserError(f"--d-model ({s['d_model']}) must be divisible by --num-heads ({s['num_heads']}).")
+    if not 0.0 <= s["dropout"] < 1.0:
+        raise UserError(f"--dropout must lie in [0, 1), got {s['dropout']}.")
+    if not s["learning_rate"] > 0:
+        raise UserError(f"--learning-rate must be greater than 0, got {s['learning_rate']}.")
+    if not 0 <= s["min_lr"] <= s["learning_rate"]:
+        raise UserError(f"--min-lr must lie in [0, --learning-rate], got {s['min_lr']}.")
+    if not s["grad_clip"] >= 0:
+        raise UserError(f"--grad-clip must be 0 (off) or positive, got {s['grad_clip']}.")
+    check_seed(s["seed"])
+    check_finite_settings(s)
+
+
+def run_settings(args, book_h_params, world=1):
+    """The run's settings (checked), and with --resume the checkpoint's tensors and metadata.
+
+    world: the number of MPI ranks; a checkpoint counts the micro-batches of all of them."""
+    saved_tensors, saved_meta = load_state(args.resume) if args.resume else (None, {})
+    if args.resume:
+        check_resumable(saved_tensors, saved_meta, args.resume)  # before any work
+    s = resolve_settings(args, saved_meta.get("run", {}), book_h_params)
+    if args.resume and args.grad_accum_steps is None:
+        s["grad_accum_steps"] = accum_per_rank(s["grad_accum_steps"], world)
+    check_settings(s)
+    check_training_memory({**s, "max_token_value": saved_meta.get("h_params", {}).get("max_token_value", 1)},
+                          s["dtype"], s["batch_size"], s["grad_accum_steps"])  # a first bound, before the data
+    if args.resume and s["max_iters"] <= saved_meta["step"]:
+        raise UserError(f"checkpoint {args.resume} is at step {saved_meta['step']}, so --max-iters must be "
+                        f"more than {saved_meta['step']} to continue it (got {s['max_iters']})")
+    return s, saved_tensors, saved_meta
+
+
+def accum_per_rank(total, size):
+    """The micro-batches per rank of a resumed run whose step had `total` of them in all."""
+    if total % size:
+        raise UserError(f"the resumed run adds {total} micro-batches a step, which {size} ranks cannot share "
+                        "evenly; pass --grad-accum-steps k (per rank: a step then adds ranks x k)")
+    return total // size
