@@ -233,12 +233,7 @@ def standard_cases(xp, seed=0):
 
     att_inputs = [randn(B, T, C), randn(NH, hs, C), randn(NH, hs, C), randn(NH, hs, C)]
     drop_inputs = [randn(B, T, C)]
-    block_shapes = BlockParams(ln1_w=(C,), ln1_b=(C,), Wq=(NH, hs, C), Wk=(NH, hs, C), Wv=(NH, hs, C),
-                               proj_W=(C, C), proj_b=(C,), ln2_w=(C,), ln2_b=(C,),
-                               fc1_W=(4 * C, C), fc1_b=(4 * C,), fc2_W=(C, 4 * C), fc2_b=(C,))
-    block_inputs = [randn(B, T, C), *(randn(*shape) * 0.5 + (1.0 if name.endswith("_w") else 0.0)  # LN w near 1
-                                      for name, shape in zip(BlockParams._fields, block_shapes))]
-    return [
+    kernel_cases = [
         Case("embedding", embedding_forward, embedding_backward, [idx, randn(V, C)], [1], ["W"],
              lambda idx, W: W[idx]),
         Case("linear", linear_forward, linear_backward, [randn(B, T, C), randn(3 * C, C), randn(3 * C)],
@@ -256,9 +251,15 @@ def standard_cases(xp, seed=0):
         Case("linear_cross_entropy", linear_cross_entropy_fwd, linear_cross_entropy_backward,
              [randn(B, T, C), randn(V, C), randn(V), xp.asarray(rng.integers(0, V, size=B * T))], [0, 1, 2],
              ["x", "W", "b"], torch_linear_cross_entropy),
-        Case("block", block_fwd, block_bwd, block_inputs, list(range(14)), ["x", *BlockParams._fields],
-             torch_block),
     ]
+    # drawn after the kernels' inputs, which stay what they were before the block joined the table
+    block_shapes = BlockParams(ln1_w=(C,), ln1_b=(C,), Wq=(NH, hs, C), Wk=(NH, hs, C), Wv=(NH, hs, C),
+                               proj_W=(C, C), proj_b=(C,), ln2_w=(C,), ln2_b=(C,),
+                               fc1_W=(4 * C, C), fc1_b=(4 * C,), fc2_W=(C, 4 * C), fc2_b=(C,))
+    block_inputs = [randn(B, T, C), *(randn(*shape) * 0.5 + (1.0 if name.endswith("_w") else 0.0)  # LN w near 1
+                                      for name, shape in zip(BlockParams._fields, block_shapes))]
+    return kernel_cases + [Case("block", block_fwd, block_bwd, block_inputs, list(range(14)),
+                                ["x", *BlockParams._fields], torch_block)]
 
 
 def check_cases(cases, seed=0):
