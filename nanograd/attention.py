@@ -95,7 +95,8 @@ def attention_backward(dout, cache, softmax_backward=causal_softmax_backward):
     att_drop = dropout(att)  ->  datt = datt_drop * keep
     att = softmax(preatt)    ->  dpreatt = att * (datt - sum_j(datt * att))
                                  (masked entries have att = 0, so get 0)
-    preatt = q @ k.T * s     ->  dq = dpreatt @ k * s,  dk = dpreatt.T @ q * s
+    preatt = q @ k.T * scale ->  dq = dpreatt @ k * scale,  dk = dpreatt.T @ q * scale
+                                 (scale = 1/sqrt(hs); docs/attention.md calls preatt s)
     q = x @ Wq[h].T per head ->  dWq = dq.T @ x,  and likewise for k and v;
                                  x feeds all three, so dx sums dq @ Wq + dk @ Wk + dv @ Wv.
     """

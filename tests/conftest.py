@@ -107,8 +107,9 @@ def _assert_gradcheck(kernel, forward, backward, inputs, wrt, names, seed=0):
     bad = [r for r in rows if not r.ok]
     if bad:
         shapes = [getattr(a, "shape", None) for a in inputs]
-        table = "\n".join(f"{r.input}: max_abs={r.max_abs:.3e} max_rel={r.max_rel:.3e} "
-                          f"worst_index={r.worst_index} ok={r.ok}" for r in rows)
+        table = "\n".join(f"{r.input}: max_abs={r.max_abs:.3e} max_rel={r.max_rel:.3e} worst_index={r.worst_index} "
+                          f"(analytic {r.analytic:.9e}, numerical {r.numerical:.9e}, err/tol {r.err_over_tol:.3g}) "
+                          f"ok={r.ok}" for r in rows)
         pytest.fail(f"{kernel} backward disagrees with finite differences "
                     f"(input shapes {shapes}):\n{table}")
     return rows
