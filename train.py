@@ -268,7 +268,7 @@ def train(args, comm=None):
         s["grad_accum_steps"] = accum_per_rank(s["grad_accum_steps"], world)
     check_settings(s)
     check_training_memory({**s, "max_token_value": saved_meta.get("h_params", {}).get("max_token_value", 1)},
-                          s["dtype"], s["batch_size"], s["grad_accum_steps"])  # a first bound, before the data
+                          s["dtype"], s["batch_size"], s["grad_accum_steps"], args.backend)  # a first bound
     if args.resume and s["max_iters"] <= saved_meta["step"]:
         raise UserError(f"checkpoint {args.resume} is at step {saved_meta['step']}, so --max-iters must be "
                         f"more than {saved_meta['step']} to continue it (got {s['max_iters']})")
@@ -297,7 +297,8 @@ def train(args, comm=None):
     h_params["max_token_value"] = len(vocab) if vocab is not None else int(ids.max()) + 1
     if args.resume:
         h_params["max_token_value"] = saved_meta["h_params"]["max_token_value"]
-    check_training_memory(h_params, s["dtype"], s["batch_size"], s["grad_accum_steps"])  # before allocating any of it
+    check_training_memory(h_params, s["dtype"], s["batch_size"], s["grad_accum_steps"],
+                          args.backend)  # before allocating any of it
     model, optimizer = make_model_and_optimizer(h_params, args.backend, s, args.reference, world)
     start = 0
     if args.resume:
