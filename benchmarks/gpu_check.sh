@@ -39,7 +39,7 @@
 # measures what the cold compiles cost.  BLAS and OpenMP get 4 threads, pytest runs in
 # one process.  Nothing is downloaded: the repository is put on PYTHONPATH.
 #
-# Files.  The device returns at most 8 files, so exactly four are written to the output
+# Files.  The device returns at most 8 files, so at most four are written to the output
 # folder: gpu_check.log (every phase's output, in order), results.md (the summary table,
 # then the benchmark and the worst of each check), parity.md (the one-step check's and
 # gpu_parity's tables) and bench_gpu.md.  The summary table is printed last.
