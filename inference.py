@@ -64,7 +64,7 @@ def main(argv=None):
         vocab = tensors.get("vocab")
         tokenizer = get_tokenizer()
         ids = encode_prompt(args.prompt, tokenizer, vocab, meta["h_params"]["max_token_value"])
-        check_generation_memory(meta["h_params"], model.dtype, len(ids), args.max_new_tokens)
+        check_generation_memory(meta["h_params"], model.dtype, len(ids), args.max_new_tokens, args.backend)
     except (UserError, BackendError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -88,7 +88,7 @@ def train(args, comm=None):
     h_params["max_token_value"] = len(vocab) if vocab is not None else int(ids.max()) + 1
     if args.resume:
         h_params["max_token_value"] = saved_meta["h_params"]["max_token_value"]
-    check_training_memory(h_params, s["dtype"], s["batch_size"], s["grad_accum_steps"])  # before allocating it
+    check_training_memory(h_params, s["dtype"], s["batch_size"], s["grad_accum_steps"], args.backend)  # before allocating
     model, optimizer = make_model_and_optimizer(h_params, args.backend, s, args.reference, world)
     start = 0
     if args.resume:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tracemalloc
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -278,6 +279,53 @@ def test_check_memory_names_the_estimate_and_the_budget(monkeypatch):
         validate.check_memory(10**6 + 1, "x needs", "do less")
     monkeypatch.delenv(validate.MEMORY_LIMIT_ENV)
     assert validate.memory_budget() > 10**6  # the machine's own figure
+
+
+class FakeDevice:
+    """The parts of CuPy that the GPU memory check reads: the device's free memory and the pool's."""
+
+    def __init__(self, free, pooled=0):
+        self.cuda = SimpleNamespace(runtime=SimpleNamespace(memGetInfo=lambda: (free, 141 * 10**9),
+                                                            getDeviceProperties=lambda i: {"name": b"Fake GPU"},
+                                                            runtimeGetVersion=lambda: 13000),
+                                    Device=lambda: SimpleNamespace(id=0))
+        self.get_default_memory_pool = lambda: SimpleNamespace(free_bytes=lambda: pooled)
+        self.__version__ = "14.2.0"
+
+
+def test_on_cupy_training_is_checked_against_the_gpus_free_memory(monkeypatch):
+    """A batch that cannot fit on the GPU used to end in CuPy's OutOfMemoryError traceback."""
+    from nanograd import backend
+    monkeypatch.setenv(validate.MEMORY_LIMIT_ENV, str(10**12))
+    h = {**H, "max_token_value": 100_218}
+    need = validate.training_bytes(h, 4, 64)
+    monkeypatch.setattr(backend, "cupy", FakeDevice(free=need - 1000, pooled=999))
+    with pytest.raises(UserError, match=r"^training with d_model 16, .*batch_size 64 .* needs about \d+\.\d [MG]B of "
+                                        r"GPU memory but the GPU has \d+\.\d [MG]B free; lower --batch-size"):
+        validate.check_training_memory(h, "float32", 64, backend="cupy")
+    validate.check_training_memory(h, "float32", 64)  # NumPy: the host's budget alone
+    monkeypatch.setattr(backend, "cupy", FakeDevice(free=need - 1000, pooled=1000))  # the pool's spare blocks count
+    validate.check_training_memory(h, "float32", 64, backend="cupy")
+    # the host only builds the model on CuPy: a host budget below the run's but above the model's passes
+    monkeypatch.setenv(validate.MEMORY_LIMIT_ENV, str(validate.model_bytes(h, 4)))
+    monkeypatch.setattr(backend, "cupy", FakeDevice(free=10**12))
+    validate.check_training_memory(h, "float32", 64, backend="cupy")
+    with pytest.raises(UserError, match="of memory but this machine has"):
+        validate.check_training_memory(h, "float32", 64)
+    with pytest.raises(UserError, match=r"^generating 500 tokens .* of GPU memory but the GPU has 1\.0 kB free"):
+        monkeypatch.setattr(backend, "cupy", FakeDevice(free=1000))
+        validate.check_generation_memory(h, "float32", 10, 500, backend="cupy")
+
+
+def test_train_py_refuses_a_batch_the_gpu_cannot_hold_before_allocating(monkeypatch, capsys):
+    import train
+    from nanograd import backend
+    monkeypatch.setattr(backend, "cupy", FakeDevice(free=10**9))  # nothing else of CuPy exists: no allocation can run
+    monkeypatch.setattr(backend, "cupy_unavailable_reason", lambda: None)
+    assert train.main(["--backend", "cupy", "--batch-size", "4096", "--max-iters", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert re.match(r"^error: training with .*batch_size 4096 .* of GPU memory but the GPU has 1\.0 GB free; ", err)
 
 
 # ---- special files --------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def run_settings(args, book_h_params, world=1):
         s["grad_accum_steps"] = accum_per_rank(s["grad_accum_steps"], world)
     check_settings(s)
     check_training_memory({**s, "max_token_value": saved_meta.get("h_params", {}).get("max_token_value", 1)},
-                          s["dtype"], s["batch_size"], s["grad_accum_steps"])  # a first bound, before the data
+                          s["dtype"], s["batch_size"], s["grad_accum_steps"], args.backend)  # a first bound
     if args.resume and s["max_iters"] <= saved_meta["step"]:
         raise UserError(f"checkpoint {args.resume} is at step {saved_meta['step']}, so --max-iters must be "
                         f"more than {saved_meta['step']} to continue it (got {s['max_iters']})")

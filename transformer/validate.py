@@ -6,6 +6,7 @@
     model_bytes / training_bytes / generation_bytes
                                    memory estimates, computed from the settings alone
     check_memory(need, what, fix)  refuse an estimate above what this machine has
+    check_device_memory(...)       the same against the GPU's free memory (--backend cupy)
 
 Every refusal is a UserError (a CheckpointError for checkpoints): one sentence, which the
 scripts print as `error: ...` and exit 2.  Nothing here allocates more than the numbers it checks.
@@ -65,6 +66,22 @@ def check_memory(need, what, fix, error=UserError):
     if need > budget:
         raise error(f"{what} about {size_text(need)} of memory but this machine has "
                     f"{size_text(budget)} available; {fix}")
+
+
+def device_memory_budget():
+    """Bytes CuPy's current GPU can still give: its free memory plus what CuPy's pool holds
+    unused ($NANOGRAD_MEMORY_LIMIT caps the host's budget only).  Only called on --backend
+    cupy, once get_backend("cupy") has found the device."""
+    from nanograd import backend
+    free, _total = backend.cupy.cuda.runtime.memGetInfo()
+    return free + backend.cupy.get_default_memory_pool().free_bytes()
+
+
+def check_device_memory(need, what, fix, error=UserError):
+    """check_memory against the GPU: '<what> about N of GPU memory but the GPU has M free; <fix>'."""
+    budget = device_memory_budget()
+    if need > budget:
+        raise error(f"{what} about {size_text(need)} of GPU memory but the GPU has {size_text(budget)} free; {fix}")
 
 
 def parameter_count(h):
@@ -130,19 +147,30 @@ def check_inspect_memory(h, dtype, tokens, pixels):
                  "shorten --prompt or use a machine with more memory")
 
 
-def check_training_memory(h, dtype, batch_size, accum_steps=1):
-    """UserError, with the estimate, unless a training run with these settings fits in memory."""
-    check_memory(training_bytes(h, np.dtype(dtype).itemsize, batch_size, accum_steps),
-                 f"training with d_model {h['d_model']}, num_blocks {h['num_blocks']}, context_length "
-                 f"{h['context_length']}, batch_size {batch_size} and a vocabulary of {h['max_token_value']} needs",
-                 "lower --batch-size, --context-length, --d-model or --num-blocks")
+def check_training_memory(h, dtype, batch_size, accum_steps=1, backend="numpy"):
+    """UserError, with the estimate, unless a training run with these settings fits in memory.
+    On CuPy the run lives in the GPU's memory, checked against what the device has free
+    (training_bytes also counts the host's float64 copy made while building the model: a
+    small overestimate), and the host need only hold the model while it is built."""
+    itemsize = np.dtype(dtype).itemsize
+    need = training_bytes(h, itemsize, batch_size, accum_steps)
+    what = (f"training with d_model {h['d_model']}, num_blocks {h['num_blocks']}, context_length "
+            f"{h['context_length']}, batch_size {batch_size} and a vocabulary of {h['max_token_value']} needs")
+    fix = "lower --batch-size, --context-length, --d-model or --num-blocks"
+    if backend == "cupy":
+        check_memory(model_bytes(h, itemsize), what, fix)
+        check_device_memory(need, what, fix)
+    else:
+        check_memory(need, what, fix)
 
 
-def check_generation_memory(h, dtype, prompt_tokens, new_tokens):
-    """UserError, with the estimate, unless generating new_tokens after the prompt fits in memory."""
-    check_memory(generation_bytes(h, np.dtype(dtype).itemsize, prompt_tokens, new_tokens),
-                 f"generating {new_tokens} tokens with context_length {h['context_length']} needs",
-                 "lower --max-new-tokens or use a machine with more memory")
+def check_generation_memory(h, dtype, prompt_tokens, new_tokens, backend="numpy"):
+    """UserError, with the estimate, unless generating new_tokens after the prompt fits in memory
+    (on CuPy, in the GPU's free memory: the model is already there)."""
+    check = check_device_memory if backend == "cupy" else check_memory
+    check(generation_bytes(h, np.dtype(dtype).itemsize, prompt_tokens, new_tokens),
+          f"generating {new_tokens} tokens with context_length {h['context_length']} needs",
+          "lower --max-new-tokens or use a machine with more memory")
 
 
 # ---- files -------------------------------------------------------------------------------
