@@ -212,6 +212,10 @@ BAD_INPUT = [
      r"--out .*data\.txt/model\.ckpt cannot be created because .*data\.txt is a file"),
     ("train-cupy-missing", "train.py", ["--backend", "cupy"], CUPY),
     ("wandb-missing", "train.py", ["--wandb"], r"--wandb needs the wandb package: pip install wandb"),
+    ("sample-interval-negative", "train.py", ["--sample-interval", "-1"],
+     r"--sample-interval must be 0 \(off\) or more, got -1\."),
+    ("keep-best-with-save-interval", "train.py", ["--keep", "best", "--save-interval", "5"],
+     r"--keep best saves at the evaluations that improve the validation loss; leave out --save-interval"),
     *[(f"resume-{what}", "train.py", RESUME_BASE + [path], message)
       for what, path, message in BAD_CHECKPOINTS],
     ("resume-no-optimizer-state", "train.py", RESUME_BASE + ["{no_optimizer}"], r"has no optimizer state"),

@@ -580,3 +580,31 @@ def test_a_changed_batch_on_resume_is_said(corpus, tmp_path, capsys):
     printed = run_main(["--resume", out, "--max-iters", 4, "--no-progress"], capsys)
     assert "Note:" not in printed  # the checkpoint now holds 2, and the run keeps it
     assert load_state(out)[1]["run"]["grad_accum_steps"] == 2
+
+
+def test_ctrl_c_under_keep_best_keeps_the_best(corpus, tmp_path):
+    """Stopped by a signal, a --keep best run does not save its last step over the best one: it
+    says which step out holds, and resuming it goes on from there."""
+    out = tmp_path / "m.ckpt"
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), "--data", str(corpus), "--out", str(out),
+                             *TINY, "--keep", "best", "--max-iters", "100000", "--eval-interval", "100000"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("Step: 0"):
+                time.sleep(0.5)  # some steps past the best (the only) evaluation
+                proc.send_signal(signal.SIGINT)
+                break
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, "".join(seen) + rest + err
+    loss = step_lines("".join(seen))[0][2]
+    message = re.search(r"^Interrupted after step (\d+); the best checkpoint \(step 0, validation loss "
+                        rf"{loss:.3f}\) is at {re.escape(str(out))}\. Resume with: python train\.py --resume "
+                        rf"{re.escape(str(out))}$", rest, re.M)
+    assert message and int(message[1]) > 0, rest
+    assert load_state(out)[1]["step"] == 0
