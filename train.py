@@ -65,7 +65,7 @@ def train(args, comm=None):
 
     # ---- settings: flags, else the resumed run's, else the book's ---------------------------
     s, saved_tensors, saved_meta = run_settings(args, BOOK_H_PARAMS, world)
-    sample_every = sample_interval(args, s) if first_rank else 0  # rank 0 alone prints
+    sample_every = sample_interval(args, s)  # steps between samples of text, 0: none
     wandb = import_wandb() if args.wandb and first_rank else None  # a missing package: before any work
     out = args.out if args.out is not None else args.resume or DEFAULT_OUT
     outputs = RunOutputs(out, resume=args.resume, overwrite=args.overwrite, inputs=[s["data"], args.resume])
@@ -84,7 +84,7 @@ def train(args, comm=None):
     train_data, val_data = split(ids)
     check_splits(train_data, val_data, s["context_length"])
     print(f"Total: {len(ids):,} tokens ({len(train_data):,} train, {len(val_data):,} validation)")
-    sample = TrainingSample(ids, vocab, s["seed"], get_tokenizer()) if sample_every else None
+    sample = TrainingSample(ids, vocab, s["seed"], get_tokenizer()) if sample_every and first_rank else None
 
     # ---- model and optimizer ----------------------------------------------------------------
     h_params = {key: s[key] for key in BOOK_H_PARAMS}
