@@ -36,13 +36,13 @@ from nanograd.fast.threads import use_own_threads
 from transformer import Model
 from transformer.data import check_splits, default_corpus, get_batch, read_text, split, tokenize
 from transformer.errors import UserError, run_command
-from transformer.evaluation import full_loss, mean_loss
+from transformer.evaluation import full_loss, logged_before, mean_loss
 from transformer.fast_model import FastModel
 from transformer.outputs import DEFAULT_OUT, Interrupts, RunOutputs
-from transformer.progress import RunLog, describe_backend, start_wandb
-from transformer.saving import CheckpointSaver
+from transformer.progress import RunLog, TrainingSample, describe_backend, import_wandb, start_wandb
+from transformer.saving import CheckpointSaver, continued_checkpoint
 from transformer.schedule import learning_rate
-from transformer.settings import parse_args, run_settings
+from transformer.settings import parse_args, run_settings, sample_interval
 from transformer.state import load_params, restore_optimizer, state_contents
 from transformer.tokenizer import get_tokenizer
 from transformer.validate import check_training_memory
@@ -65,6 +65,8 @@ def train(args, comm=None):
 
     # ---- settings: flags, else the resumed run's, else the book's ---------------------------
     s, saved_tensors, saved_meta = run_settings(args, BOOK_H_PARAMS, world)
+    sample_every = sample_interval(args, s)  # steps between samples of text, 0: none
+    wandb = import_wandb() if args.wandb and first_rank else None  # a missing package: before any work
     out = args.out if args.out is not None else args.resume or DEFAULT_OUT
     outputs = RunOutputs(out, resume=args.resume, overwrite=args.overwrite, inputs=[s["data"], args.resume])
     outputs = outputs if first_rank else NoOutputs()  # rank 0 alone writes files
@@ -82,6 +84,7 @@ def train(args, comm=None):
     train_data, val_data = split(ids)
     check_splits(train_data, val_data, s["context_length"])
     print(f"Total: {len(ids):,} tokens ({len(train_data):,} train, {len(val_data):,} validation)")
+    sample = TrainingSample(ids, vocab, s["seed"], get_tokenizer()) if sample_every and first_rank else None
 
     # ---- model and optimizer ----------------------------------------------------------------
     h_params = {key: s[key] for key in BOOK_H_PARAMS}
@@ -114,18 +117,27 @@ def train(args, comm=None):
             raise Stopped(stop)
 
     # ---- the loop: evaluate, batch, forward, backward, step, save ---------------------------
-    saver = CheckpointSaver(out, outputs, enabled=first_rank)
-    wandb_run = start_wandb(args.wandb, h_params, s) if args.wandb and first_rank else None  # before any file
+    saver = CheckpointSaver(out, outputs, first_rank, s["keep"], s["save_interval"],
+                            continued_checkpoint(out, args.resume, start, saved_meta.get("run", {})))
+    wandb_run = start_wandb(wandb, args.wandb, h_params, s) if wandb else None  # before any file
     log = None
     interrupted = Interrupts().start()  # signals are recorded, and acted on by check_signals
     done = start  # steps completed
+
+    def snapshot():  # what a save writes: taken now, before the next step changes it
+        return state_contents(model, optimizer, done, {**run, "time_s": round(log.training_seconds(), 3)}, vocab)
     try:
         outputs.claim()  # the lock on out (or one line if another run holds it), then the metrics file
-        log = RunLog(outputs, start, s["max_iters"], B * T * k * world, not args.no_progress, wandb_run)
+        log = RunLog(outputs, start, s["max_iters"], B * T * k * world, not args.no_progress, wandb_run,
+                     saved_meta.get("run", {}).get("time_s", 0.0))
+        logged = logged_before(outputs, start, comm)  # the resumed run evaluated its last step already
         for step in range(start, s["max_iters"]):
-            if step % s["eval_interval"] == 0 or step == s["max_iters"] - 1:
-                log.evaluation(step, estimate_loss(model, train_data, val_data, s, step, check_signals, comm),
-                               optimizer.lr)
+            if (step % s["eval_interval"] == 0 or step == s["max_iters"] - 1) and not (step == start and logged):
+                losses = estimate_loss(model, train_data, val_data, s, step, check_signals, comm)
+                log.evaluation(step, losses, optimizer.lr)
+                saver.evaluated(step, losses["valid"], snapshot)  # --keep best: saves the best so far
+            if sample and step and step % sample_every == 0:
+                log.sample(step, sample.text(model))
             optimizer.lr = learning_rate(step, s["learning_rate"], s["lr_schedule"], s["warmup_iters"],
                                          s["max_iters"], s["min_lr"])
             saver.finish()  # the save in flight, before the step changes what it writes
@@ -135,14 +147,15 @@ def train(args, comm=None):
             done = step + 1
             log.step(step, loss)
             check_signals()
-            if s["save_interval"] and done % s["save_interval"] == 0 and done < s["max_iters"]:
-                saver.save(done, state_contents(model, optimizer, done, run, vocab))
-        saver.save(done, state_contents(model, optimizer, done, run, vocab), wait=True)
+            saver.stepped(done, s["max_iters"], snapshot)  # --keep last: every save_interval
+        if sample:
+            log.sample(done, sample.text(model))
+        saver.ended(done, snapshot)
     except Stopped as stop:  # between steps, or mid-evaluation or mid-accumulation: the last whole step
-        saver.save(done, state_contents(model, optimizer, done, run, vocab), wait=True)
+        saver.ended(done, snapshot)
         log.close()
-        print(f"Interrupted{stop.signals.by()} after step {done}; checkpoint saved to {out}. "
-              f"Resume with: python train.py --resume {out}")
+        print(f"Interrupted{stop.signals.by()} after step {done}; {saver.kept()}."
+              + (f" Resume with: python train.py --resume {out}" if saver.best or s["keep"] == "last" else ""))
         return stop.signals.exit_code()
     finally:
         saver.close()
@@ -152,7 +165,7 @@ def train(args, comm=None):
             log.close()
         elif wandb_run is not None:
             wandb_run.finish()
-    log.finished(s["max_iters"] - start, out)
+    log.finished(s["max_iters"] - start, saver.kept(final=True))
     return 0
 
 

@@ -160,6 +160,30 @@ def test_resume_needs_more_iterations_than_the_checkpoint_has(data, tmp_path, ca
     assert state(out, tmp_path / "m.metrics.jsonl") == before
 
 
+def test_resuming_a_finished_run_says_to_give_a_larger_max_iters(data, tmp_path, capsys):
+    """The README's `--resume model/model.ckpt` on a run that ended: the refusal names the flag
+    and gives a command that works."""
+    out = finished_run(data, tmp_path / "m.ckpt", capsys)
+    before = state(out, tmp_path / "m.metrics.jsonl")
+    assert main("--data", data, "--resume", out) == 2
+    one_error(capsys, rf"^error: checkpoint {re.escape(str(out))} is at step 20, where its run ended "
+                      rf"\(--max-iters 20\); to train it further give a larger --max-iters, e\.g\. "
+                      rf"python train\.py --resume {re.escape(str(out))} --max-iters 40$")
+    assert state(out, tmp_path / "m.metrics.jsonl") == before
+    assert main("--data", data, "--resume", out, "--max-iters", "40") == 0
+
+
+def test_a_run_that_saved_nothing_leaves_nothing(data, tmp_path, capsys):
+    """Issue 22: a run blowing up before its first save said "nothing was saved" yet left its
+    metrics, which refused the same command run again; now it leaves no file, and the rerun works."""
+    out = tmp_path / "m.ckpt"
+    assert main("--data", data, "--out", out, *S, "--learning-rate", "1e30", "--eval-interval", "1",
+                "--save-interval", "0") == 3  # evaluated every step, saved only at the end
+    one_error(capsys, r"^error: at step \d+ .* is not finite; stopping \(nothing was saved\)\. ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt"]
+    assert main("--data", data, "--out", out, *S) == 0
+
+
 # ---- outputs that would replace an input or a special file -------------------------------
 
 def make_case(tmp_path, data, case):
@@ -257,6 +281,7 @@ def test_two_checkpoints_with_one_stem_share_a_lock(tmp_path):
         with pytest.raises(UserError, match=rf"another training run \(pid {os.getpid()}\) is writing .*m\.pt"):
             RunOutputs(str(tmp_path / "m.pt")).claim()
         first.log({"step": 0, "train_loss": 1.0})
+        first.wrote_checkpoint()  # else release() removes the metrics of a run that saved nothing
     finally:
         first.release()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.metrics.jsonl"]  # the lock file is gone
@@ -269,6 +294,7 @@ def test_a_claim_after_a_finished_run_sees_its_files(tmp_path):
     second = RunOutputs(str(tmp_path / "m.ckpt"))
     second.check()  # both looked before either wrote
     first.claim().log({"step": 0, "train_loss": 1.0})
+    first.wrote_checkpoint()
     first.release()
     with pytest.raises(UserError, match=r"m\.metrics\.jsonl already exists"):
         second.claim()

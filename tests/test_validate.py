@@ -170,6 +170,10 @@ CRAFTED = [
     ("run-compact-vocab-disagrees", meta_edit(run__compact_vocab=False), r"run\.compact_vocab = False but has"),
     ("run-lr-schedule-unknown", meta_edit(run__lr_schedule="linear"), r"malformed run\.lr_schedule"),
     ("run-data-not-a-path", meta_edit(run__data=7), r"malformed run\.data"),
+    ("run-keep-unknown", meta_edit(run__keep="worst"), r"malformed run\.keep \('worst'\): it must be last or best"),
+    ("run-time-negative", meta_edit(run__time_s=-1.0), r"malformed run\.time_s \(-1\.0\): it must be a finite number"),
+    ("run-time-string", meta_edit(run__time_s="12"), r"malformed run\.time_s"),
+    ("run-best-loss-nan", meta_edit(run__best_valid_loss=float("nan")), r"malformed run\.best_valid_loss \(nan\)"),
     ("run-list", meta_edit(run=[1]), r"malformed run entry \(list\)"),
     ("moment-0-d", tensor_edit("adamw.exp_avg.transformer_blocks.0.ln1.bias", np.zeros((), np.float32)),
      r"adamw\.exp_avg\.transformer_blocks\.0\.ln1\.bias has shape \(\) but the model needs \(16,\)"),
@@ -328,6 +332,21 @@ def test_train_py_refuses_a_batch_the_gpu_cannot_hold_before_allocating(monkeypa
     assert re.match(r"^error: training with .*batch_size 4096 .* of GPU memory but the GPU has 1\.0 GB free; ", err)
 
 
+def test_the_training_estimate_says_what_it_knows_of_the_vocabulary(monkeypatch):
+    """Issue 22: the bound made before the data is read said "a vocabulary of 1" (a placeholder);
+    it is a lower bound for any vocabulary, and says so; after the data, the vocabulary is named."""
+    monkeypatch.setenv(validate.MEMORY_LIMIT_ENV, "1000000")
+    h = dict(d_model=80, num_blocks=6, num_heads=4, context_length=128, max_token_value=None)
+    with pytest.raises(UserError, match=r"^training with d_model 80, num_blocks 6, context_length 128, "
+                                        r"batch_size 2 and any vocabulary needs at least about [\d.]+ MB of "
+                                        r"memory but this machine has 1\.0 MB available; lower --batch-size"):
+        validate.check_training_memory(h, "float32", 2)
+    at_least = validate.training_bytes({**h, "max_token_value": 1}, 4, 2)
+    assert at_least < validate.training_bytes({**h, "max_token_value": 2}, 4, 2)  # a lower bound: one token
+    with pytest.raises(UserError, match=r" batch_size 2 and a vocabulary of 100,218 needs about [\d.]+ MB "):
+        validate.check_training_memory({**h, "max_token_value": 100218}, "float32", 2)
+
+
 # ---- special files --------------------------------------------------------------------------
 
 @pytest.fixture
@@ -424,10 +443,10 @@ S = ["--d-model", "16", "--num-blocks", "1", "--num-heads", "2", "--context-leng
 @pytest.mark.parametrize("flag, value, message", [
     ("--seed", "-1", r"--seed must be an integer in \[0, 2\*\*64\), got -1\."),
     ("--seed", str(2**64), r"--seed must be an integer in \[0, 2\*\*64\)"),
-    ("--d-model", "100000000", r"training with d_model 100000000, .* needs about [\d.]+ EB of memory but "
-                               r"this machine has 2\.0 GB available; lower --batch-size"),
-    ("--batch-size", "1000000000", r"batch_size 1000000000 .* needs about [\d.]+ TB of memory"),
-    ("--num-blocks", "10000000", r"num_blocks 10000000, .* needs about [\d.]+ TB of memory"),
+    ("--d-model", "100000000", r"training with d_model 100000000, .* and any vocabulary needs at least about "
+                               r"[\d.]+ EB of memory but this machine has 2\.0 GB available; lower --batch-size"),
+    ("--batch-size", "1000000000", r"batch_size 1000000000 and any vocabulary needs at least about [\d.]+ TB "),
+    ("--num-blocks", "10000000", r"num_blocks 10000000, .* any vocabulary needs at least about [\d.]+ TB "),
     ("--grad-clip", "inf", r"--grad-clip must be a finite number, got inf\."),
 ], ids=["seed-negative", "seed-too-big", "d-model-1e8", "batch-size-1e9", "num-blocks-1e7", "grad-clip-inf"])
 def test_train_refuses_settings_beyond_the_machine(data, tmp_path, flag, value, message):

@@ -58,3 +58,13 @@ def full_loss(model, data, context_length, batch_size, comm=None, check_signals=
     for value in sums:
         total += value
     return float(total / n)
+
+
+def logged_before(outputs, step, comm=None):
+    """True when the metrics file already holds the evaluation at step (RunOutputs.logged): the
+    run a resumed one continues made it after saving at step, so it is not made, or logged, twice.
+    Under MPI rank 0 reads the file and every rank learns its answer: they evaluate together."""
+    logged = outputs.logged(step)
+    if comm:
+        logged = bool(comm.allreduce_host([logged])[0])
+    return logged

@@ -4,7 +4,8 @@
     outputs.check()     # before any work: refuse an earlier run's files, inputs, non-regular files
     outputs.claim()     # lock, remove dead runs' temp files, open the metrics file
     outputs.log(record) # one JSON line, flushed; stops the run if the folder was removed
-    outputs.release()   # close, unlock, remove the lock file (and an empty new metrics file)
+    outputs.release()   # close, unlock, remove the lock file (and the new metrics file of a
+                        # run that wrote no checkpoint: nothing was saved, so nothing is left)
 
 One run writes `out` (the checkpoint, always by temp file + rename), `<stem>.metrics.jsonl`
 beside it and, while it runs, the lock file `<stem>.run.lock`, where `<stem>` is `out`
@@ -24,6 +25,7 @@ from .errors import UserError
 
 DEFAULT_FOLDER = "model"
 DEFAULT_OUT = os.path.join(DEFAULT_FOLDER, "model.ckpt")
+METRICS_LINE = 1 << 16  # bytes: a metrics record is about 150
 
 
 def metrics_path(out):
@@ -174,6 +176,7 @@ class RunOutputs:
         self.lock = None  # the lock file's descriptor, after claim()
         self.created = []  # folders claim() made, deepest last
         self.new_metrics = False  # whether claim() created the metrics file (not appending to one)
+        self.saved = False  # whether this run has written its checkpoint (wrote_checkpoint)
 
     # ---- before any work -------------------------------------------------------------------
 
@@ -328,8 +331,33 @@ class RunOutputs:
                             f"stopping at step {record['step']} (the last checkpoint at {self.out}, "
                             "if any, is kept)") from e
 
+    def logged(self, step):
+        """True when the metrics file this run appends to already holds an evaluation at step:
+        the resumed run made it after saving its checkpoint at step, then went on and stopped.
+        Read a line at a time, each at most METRICS_LINE bytes (a longer one is no record of ours)."""
+        if self.metrics is None or self.new_metrics:
+            return False
+        try:
+            with open(os.open(self.metrics_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
+                for line in iter(lambda: f.readline(METRICS_LINE), b""):
+                    try:
+                        record = json.loads(line)
+                    except (ValueError, RecursionError):
+                        continue
+                    if isinstance(record, dict) and type(record.get("step")) is int and record["step"] == step:
+                        return True
+        except OSError:  # unreadable: evaluate again, as if it were not there
+            return False
+        return False
+
+    def wrote_checkpoint(self):
+        """This run's checkpoint is at out: its metrics describe a file that exists, so release() keeps them."""
+        self.saved = True
+
     def release(self):
-        """Close the metrics file, remove our lock file and unlock; remove folders claim() made if empty."""
+        """Close the metrics file, remove our lock file and unlock; remove folders claim() made if empty.
+        A new metrics file goes too when the run wrote no checkpoint (it blew up, or failed, before its
+        first save): "nothing was saved" leaves nothing that would refuse the run made again."""
         if self.metrics is not None:
             metrics, self.metrics = self.metrics, None
             try:
@@ -337,7 +365,7 @@ class RunOutputs:
                 metrics.close()
             except OSError:  # a full disk at the last flush: log() has reported it already
                 empty = False
-            if empty and self.new_metrics:  # stopped before its first evaluation: leave nothing
+            if (empty or not self.saved) and self.new_metrics:  # no evaluation, or no checkpoint: leave nothing
                 try:
                     os.remove(self.metrics_path)
                 except OSError:

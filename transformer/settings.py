@@ -47,13 +47,14 @@ def parse_args(argv, book_h_params):
     parser.add_argument("--exact-reduce", action="store_true",
                         help="under mpiexec: add the ranks' gradients in rank order, so the run equals one "
                              "process's bit for bit (slower)")
+    add_watch_flags(parser)
     return parser.parse_args(argv)
 
 
 def resolve_settings(args, saved, book_h_params):
     """Flags given now win, then the resumed run's settings, then the defaults."""
     settings = {}
-    for key, default in {**book_h_params, **RUN_DEFAULTS}.items():
+    for key, default in {**book_h_params, **RUN_DEFAULTS, **KEEP_DEFAULTS}.items():
         given = getattr(args, key)
         settings[key] = given if given is not None else saved.get(key, default)
         kind = {bool: bool, int: int, float: (int, float), str: str}.get(type(default))
@@ -106,17 +107,68 @@ def run_settings(args, book_h_params, world=1):
     if args.resume and args.grad_accum_steps is None:
         s["grad_accum_steps"] = accum_per_rank(s["grad_accum_steps"], world)
     check_settings(s)
-    check_training_memory({**s, "max_token_value": saved_meta.get("h_params", {}).get("max_token_value", 1)},
+    check_keep(args, s)
+    check_training_memory({**s, "max_token_value": saved_meta.get("h_params", {}).get("max_token_value")},
                           s["dtype"], s["batch_size"], s["grad_accum_steps"], args.backend)  # a first bound
-    if args.resume and s["max_iters"] <= saved_meta["step"]:
-        raise UserError(f"checkpoint {args.resume} is at step {saved_meta['step']}, so --max-iters must be "
-                        f"more than {saved_meta['step']} to continue it (got {s['max_iters']})")
+    if args.resume:
+        check_continues(args, s, saved_meta, world)
     return s, saved_tensors, saved_meta
 
 
 def accum_per_rank(total, size):
     """The micro-batches per rank of a resumed run whose step had `total` of them in all."""
     if total % size:
-        raise UserError(f"the resumed run adds {total} micro-batches a step, which {size} ranks cannot share "
-                        "evenly; pass --grad-accum-steps k (per rank: a step then adds ranks x k)")
+        raise UserError(f"the resumed run adds {total} micro-batch{'es' if total > 1 else ''} a step, which "
+                        f"{size} ranks cannot share evenly; resume it with a number of processes that divides "
+                        f"{total} to keep its batch, or pass --grad-accum-steps k to add {size} x k a step "
+                        "instead (a larger or smaller batch than the run it continues)")
     return total // size
+
+
+def check_continues(args, s, saved_meta, world):
+    """UserError unless the resumed run has steps left to take; a note when its batch changes."""
+    step, path = saved_meta["step"], args.resume
+    if s["max_iters"] <= step and args.max_iters is None:  # the run finished: --max-iters is its own
+        raise UserError(f"checkpoint {path} is at step {step}, where its run ended (--max-iters "
+                        f"{s['max_iters']}); to train it further give a larger --max-iters, e.g. "
+                        f"python train.py --resume {path} --max-iters {2 * step}")
+    if s["max_iters"] <= step:
+        raise UserError(f"checkpoint {path} is at step {step}, so --max-iters must be "
+                        f"more than {step} to continue it (got {s['max_iters']})")
+    saved = saved_meta["run"].get("grad_accum_steps", 1)
+    if world * s["grad_accum_steps"] != saved:  # only with --grad-accum-steps given: accum_per_rank keeps it
+        print(f"Note: {path} was trained on {saved} micro-batch{'es' if saved > 1 else ''} a step; this run "
+              f"adds {world * s['grad_accum_steps']} ({world} process{'es' if world > 1 else ''} x "
+              f"--grad-accum-steps {s['grad_accum_steps']}), so its batch differs from the run it continues")
+
+
+# ---- watching a run, and which checkpoint it keeps (issue 22) -------------------------------
+# keep is saved with the run, so a resumed --keep best run goes on keeping its best;
+# --sample-interval only changes what is printed, so it is not saved.
+KEEP_DEFAULTS = {"keep": "last"}
+
+
+def add_watch_flags(parser):
+    parser.add_argument("--keep", choices=["last", "best"], default=None,
+                        help="which checkpoint --out holds: the last step's (default, saved every "
+                             "--save-interval and at the end), or the best: saved at each evaluation whose "
+                             "validation loss is the lowest so far, like nanoGPT's always_save_checkpoint=False")
+    parser.add_argument("--sample-interval", type=int, default=None, metavar="N",
+                        help="print a short sample of the model's text every N steps and at the end "
+                             "(default: every other evaluation; 0: never)")
+
+
+def check_keep(args, s):
+    """UserError for a --keep that cannot work with the rest of the settings."""
+    if s["keep"] == "best" and args.save_interval is not None:
+        raise UserError("--keep best saves at the evaluations that improve the validation loss; "
+                        "leave out --save-interval (it sets when --keep last saves)")
+
+
+def sample_interval(args, s):
+    """Steps between the samples train.py prints: --sample-interval, else every other evaluation."""
+    if args.sample_interval is None:
+        return 2 * s["eval_interval"]
+    if args.sample_interval < 0:
+        raise UserError(f"--sample-interval must be 0 (off) or more, got {args.sample_interval}.")
+    return args.sample_interval

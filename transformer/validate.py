@@ -149,13 +149,19 @@ def check_inspect_memory(h, dtype, tokens, pixels):
 
 def check_training_memory(h, dtype, batch_size, accum_steps=1, backend="numpy"):
     """UserError, with the estimate, unless a training run with these settings fits in memory.
+
+    h["max_token_value"] None: the vocabulary is not known yet (the data is still unread), so
+    the estimate is a lower bound, made with a vocabulary of one token, and says "at least".
     On CuPy the run lives in the GPU's memory, checked against what the device has free
     (training_bytes also counts the host's float64 copy made while building the model: a
     small overestimate), and the host need only hold the model while it is built."""
+    V = h["max_token_value"]
+    h = {**h, "max_token_value": V or 1}
     itemsize = np.dtype(dtype).itemsize
     need = training_bytes(h, itemsize, batch_size, accum_steps)
+    vocabulary = f"a vocabulary of {V:,} needs" if V is not None else "any vocabulary needs at least"
     what = (f"training with d_model {h['d_model']}, num_blocks {h['num_blocks']}, context_length "
-            f"{h['context_length']}, batch_size {batch_size} and a vocabulary of {h['max_token_value']} needs")
+            f"{h['context_length']}, batch_size {batch_size} and {vocabulary}")
     fix = "lower --batch-size, --context-length, --d-model or --num-blocks"
     if backend == "cupy":
         check_memory(model_bytes(h, itemsize), what, fix)
@@ -250,6 +256,9 @@ RUN_RULES = {
     "data_sha256": (lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
                     "64 hexadecimal digits"),
     "converted_from": (lambda v: isinstance(v, str), "a path"),
+    "keep": (lambda v: v in ("last", "best"), "last or best"),
+    "time_s": _NON_NEGATIVE_REAL,  # seconds the run had trained when it saved: its metrics' time_s go on from it
+    "best_valid_loss": _NON_NEGATIVE_REAL,  # --keep best: the validation loss of the evaluation saved
 }
 REQUIRED_H_PARAMS = ("d_model", "num_blocks", "num_heads", "context_length", "max_token_value")
 

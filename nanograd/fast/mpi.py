@@ -290,6 +290,9 @@ class NoOutputs:
     def log(self, record):
         pass
 
+    def logged(self, step):
+        return False  # rank 0 reads the metrics file; train.py shares its answer
+
     def release(self):
         pass
 
