@@ -210,9 +210,10 @@ def run(xp=np, seed=0, file=None):
 def main(argv=None):
     import argparse
     parser = argparse.ArgumentParser(prog="python -m nanograd.gradcheck", description=__doc__.split("\n\n")[0],
-                                     allow_abbrev=False)
-    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
-    parser.add_argument("--seed", type=int, default=0)
+                                     allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"],
+                        help="numpy (the CPU) or cupy (an NVIDIA GPU)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     args = parser.parse_args(argv)
     from .backend import BackendError, get_backend
     try:

@@ -15,12 +15,26 @@ class CheckpointError(UserError):
     """A checkpoint file is missing, foreign, corrupted or of an unsupported version."""
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help ends each option's line with "(default: X)", unless its help already says
+    "default" (a default of None means "not given": the help words what happens then)
+    or the option is an on/off switch, off unless given."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag gets one line on stderr (and exit 2), not the usage block, and a
-    flag must be spelled in full: `--lr 0.01` is an error, not --lr-schedule."""
+    flag must be spelled in full: `--lr 0.01` is an error, not --lr-schedule.  --help shows
+    every option's default (DefaultsHelpFormatter)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message):

@@ -18,7 +18,7 @@ from nanograd.backend import BackendError, get_backend, to_host
 from .errors import OneLineParser, UserError, run_command
 from .outputs import DEFAULT_OUT, check_default_folder, check_not_special, replacing
 from .state import build_model, load_state
-from .tokenizer import encode_prompt, get_tokenizer
+from .tokenizer import encode_prompt, run_tokenizer
 
 
 def attention_maps(model, ids):
@@ -135,7 +135,7 @@ def main(argv=None):
         check_default_folder(args.ckpt)
         tensors, meta = load_state(args.ckpt)
         model = build_model(tensors, meta, backend=args.backend)
-        tokenizer = get_tokenizer()
+        tokenizer = run_tokenizer(meta["run"])
         ids = encode_prompt(args.prompt, tokenizer, tensors.get("vocab"), meta["h_params"]["max_token_value"])
         ids = ids[-model.context_length:]
         raw = ids if "vocab" not in tensors else tensors["vocab"][ids]

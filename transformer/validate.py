@@ -191,8 +191,23 @@ RUN_RULES = {
     "data_sha256": (lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
                     "64 hexadecimal digits"),
     "converted_from": (lambda v: isinstance(v, str), "a path"),
+    # the tokenizer and AdamW (issue 24): chars is a char model's vocabulary (tokenizer.CharTokenizer)
+    "tokenizer": (lambda v: v in ("cl100k_base", "char"), "cl100k_base or char"),
+    "chars": (lambda v: isinstance(v, str) and is_sorted_text(v), "distinct characters in increasing order"),
+    "beta2": (lambda v: is_real(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "weight_decay": _NON_NEGATIVE_REAL,
+    "weight_decay_on": (lambda v: v in ("all", "matrices"), "all or matrices"),
 }
 REQUIRED_H_PARAMS = ("d_model", "num_blocks", "num_heads", "context_length", "max_token_value")
+
+
+def is_sorted_text(text):
+    """text is at least one character, each a Unicode scalar value, in strictly increasing order."""
+    try:
+        points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # a lone surrogate cannot encode
+    except UnicodeEncodeError:
+        return False
+    return len(points) > 0 and bool((np.diff(points) > 0).all())
 
 
 def short(value):
@@ -302,6 +317,19 @@ def _check_run(path, run, meta, has_vocab):
     if "dtype" in run and run["dtype"] != meta["dtype"]:
         raise CheckpointError(f"checkpoint {path} stores run.dtype = {run['dtype']!r} but its weights "
                               f"are {meta['dtype']}; the file was edited or damaged")
+    char = run.get("tokenizer") == "char"
+    if char != ("chars" in run) or char and len(run["chars"]) != h["max_token_value"]:
+        held = f"{len(run['chars'])} characters" if "chars" in run else "no characters"
+        raise CheckpointError(f"checkpoint {path} stores run.tokenizer = {short(run.get('tokenizer'))} with {held} "
+                              f"for a vocabulary of {h['max_token_value']}; the file was edited or damaged")
+    if char and has_vocab:
+        raise CheckpointError(f"checkpoint {path} has a char tokenizer and a vocab tensor (--compact-vocab's); "
+                              "the file was edited or damaged")
+    adamw = meta.get("adamw")
+    for key, saved in (("beta2", adamw and adamw["betas"][1]), ("weight_decay", adamw and adamw["weight_decay"])):
+        if adamw and key in run and run[key] != saved:
+            raise CheckpointError(f"checkpoint {path} stores run.{key} = {short(run[key])} but its optimizer "
+                                  f"has {short(saved)}; the file was edited or damaged")
     if "compact_vocab" in run and run["compact_vocab"] != has_vocab:
         raise CheckpointError(f"checkpoint {path} stores run.compact_vocab = {run['compact_vocab']} but "
                               f"{'has' if has_vocab else 'lacks'} a vocab tensor; the file was edited or damaged")
@@ -345,7 +373,7 @@ def check_state(tensors, meta, path, format_name):
     if adamw is not None:
         _check_adamw(path, adamw, step)
     _check_run(path, meta.setdefault("run", {}), meta, "vocab" in tensors)
-    if "vocab" not in tensors and h["max_token_value"] > TOKENIZER_IDS:
+    if "vocab" not in tensors and "chars" not in meta["run"] and h["max_token_value"] > TOKENIZER_IDS:
         raise CheckpointError(f"checkpoint {path} has max_token_value {h['max_token_value']} but the "
                               f"tokenizer has only {TOKENIZER_IDS} ids; the file was edited or damaged")
     shapes = _expected_names(meta, tensors, path)  # counted first: a crafted num_blocks lists nothing
