@@ -199,3 +199,32 @@ def test_every_option_of_every_cli_shows_its_default(module, monkeypatch, capsys
         shown = formatter._expand_help(action) if action.help else ""
         assert "default" in shown, f"{module} {action.option_strings[0]}: {shown!r}"
         assert shown.split()[0] in help_text
+
+
+@pytest.mark.parametrize("reference", [True, False], ids=["reference", "fast"])
+def test_adamw_gets_beta2_weight_decay_and_nanogpts_groups(reference):
+    """--beta2, --weight-decay, --weight-decay-on reach the optimizer train.py builds: with
+    matrices, every parameter of fewer than 2 dimensions (biases, LayerNorm) is spared."""
+    h = {**train.BOOK_H_PARAMS, **TINY, "max_token_value": 11}
+    s = {**h, **settings.RUN_DEFAULTS, **settings.TOKENIZER_ADAMW_DEFAULTS,
+         "beta2": 0.99, "weight_decay": 0.1, "weight_decay_on": "matrices"}
+    model, optimizer = train.make_model_and_optimizer(h, "numpy", s, reference)
+    vectors = {name for name, p in model.params.items() if p.ndim < 2}
+    assert vectors and any(name.endswith("bias") for name in vectors)
+    assert optimizer.no_decay == vectors and optimizer.betas == (0.9, 0.99) and optimizer.weight_decay == 0.1
+    _, book = train.make_model_and_optimizer(h, "numpy", {**s, **settings.TOKENIZER_ADAMW_DEFAULTS}, reference)
+    assert book.no_decay == set() and book.betas == (0.9, 0.999) and book.weight_decay == 0.01
+
+
+def test_a_resumed_run_takes_a_new_beta2_and_weight_decay(tmp_path, text_file, capsys):
+    """Flags win over the checkpoint for AdamW's settings too; the new checkpoint records them
+    in its run settings and its optimizer entry alike (check_state requires they agree)."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    ckpt = tmp_path / "m.ckpt"
+    assert main(["--data", text_file, *flags, "--out", ckpt, "--no-progress"], capsys)[0] == 0
+    code, _, err = main(["--resume", ckpt, "--max-iters", 14, "--beta2", 0.95, "--weight-decay", 0.2,
+                         "--no-progress"], capsys)
+    assert code == 0, err
+    _, meta = load_state(ckpt)
+    assert meta["run"]["beta2"] == meta["adamw"]["betas"][1] == 0.95
+    assert meta["run"]["weight_decay"] == meta["adamw"]["weight_decay"] == 0.2

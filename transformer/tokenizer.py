@@ -104,7 +104,6 @@ class CharTokenizer:
     def __init__(self, chars):
         self.chars = chars
         self.points = np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32)  # (V,) sorted code points
-        self.table = np.array(list(chars))  # (V,) id -> one-character string
 
     @classmethod
     def from_text(cls, text):
@@ -130,7 +129,8 @@ class CharTokenizer:
         return ids.astype(np.int64)
 
     def decode(self, ids):
-        return "".join(self.table[np.asarray(ids, dtype=np.int64)])
+        return "".join(map(self.chars.__getitem__, np.asarray(ids, dtype=np.int64).tolist()))  # (not NumPy's
+        # str arrays: they drop a trailing NUL, and a text may hold one)
 
 
 def describe_chars(chars, limit=3):

@@ -207,7 +207,7 @@ def is_sorted_text(text):
         points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # a lone surrogate cannot encode
     except UnicodeEncodeError:
         return False
-    return len(points) > 0 and bool((np.diff(points) > 0).all())
+    return len(points) > 0 and bool((np.diff(points.astype(np.int64)) > 0).all())  # (uint32 differences wrap)
 
 
 def short(value):
