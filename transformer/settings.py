@@ -72,7 +72,8 @@ def parse_args(argv, book_h_params):
 
 
 def resolve_settings(args, saved, book_h_params):
-    """Flags given now win, then the resumed run's settings, then the defaults."""
+    """Flags given now win (and the config file's settings, which apply_config put among them),
+    then the resumed run's settings, then the defaults."""
     settings = {}
     for key, default in {**book_h_params, **RUN_DEFAULTS, **TOKENIZER_ADAMW_DEFAULTS}.items():
         given = getattr(args, key)
