@@ -12,6 +12,7 @@ from hypothesis import given, strategies as st
 
 from transformer import errors, settings
 from transformer.state import load_state
+from transformer.validate import check_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # train.py and inference.py are scripts at the repository root
@@ -225,9 +226,12 @@ def test_a_resumed_run_takes_a_new_beta2_and_weight_decay(tmp_path, text_file, c
     code, _, err = main(["--resume", ckpt, "--max-iters", 14, "--beta2", 0.95, "--weight-decay", 0.2,
                          "--no-progress"], capsys)
     assert code == 0, err
-    _, meta = load_state(ckpt)
+    tensors, meta = load_state(ckpt)
     assert meta["run"]["beta2"] == meta["adamw"]["betas"][1] == 0.95
     assert meta["run"]["weight_decay"] == meta["adamw"]["weight_decay"] == 0.2
+    for key, value in (("beta2", 0.9), ("weight_decay", 0.0)):  # an edited file: the two disagree
+        with pytest.raises(errors.CheckpointError, match=f"stores run.{key} = {value} but its optimizer has"):
+            check_state(tensors, {**meta, "run": {**meta["run"], key: value}}, "m.ckpt", "nanograd-transformer")
 
 
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO, "configs"))))
