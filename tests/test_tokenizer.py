@@ -116,7 +116,8 @@ if not os.path.exists(SHAKESPEARE):
     SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
 # nanoGPT's data/shakespeare_char/prepare.py prints these 65 for tinyshakespeare.
 NANOGPT_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-SMALL_TEXT = "First Citizen:\r\nBefore we proceed any further, hear me speak.\n\tcafé 变换器 🤖👩‍👩‍👧 \x00\x7f\u2028 end"
+SMALL_TEXT = ("First Citizen:\r\nBefore we proceed any further, hear me speak.\n"
+              "\tcafé 变换器 🤖👩‍👩‍👧 \x00\x7f\u2028 end")
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 import inference  # noqa: E402

@@ -72,8 +72,8 @@ def get_tokenizer() -> tiktoken.Encoding:
 
 def encode_prompt(prompt, tokenizer, vocab, vocab_size):
     """The prompt's ids in the model's numbering; UserError if a token lies outside the vocabulary."""
-    if isinstance(tokenizer, CharTokenizer) and tokenizer.unknown(prompt):
-        unknown = tokenizer.unknown(prompt)
+    unknown = tokenizer.unknown(prompt) if isinstance(tokenizer, CharTokenizer) else ""
+    if unknown:
         raise UserError(f"the prompt has {len(unknown)} character(s) the model never saw in training "
                         f"({describe_chars(unknown)}); its vocabulary is the {len(tokenizer.chars)} characters "
                         "of its training text")
@@ -112,7 +112,8 @@ class CharTokenizer:
     def _positions(self, text):
         points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)  # (N,) a lone
         # surrogate (a byte of a command line that is not UTF-8) is a code point no text file has
-        ids = np.searchsorted(self.points, points).clip(max=len(self.points) - 1)  # (N,)
+        ids = np.searchsorted(self.points, points)  # (N,) int64
+        np.minimum(ids, len(self.points) - 1, out=ids)  # past the last: compared (and refused) as the last
         return points, ids
 
     def unknown(self, text):
@@ -126,7 +127,7 @@ class CharTokenizer:
         if (self.points[ids] != points).any():
             raise UserError(f"the text has characters outside the model's {len(self.chars)}-character "
                             f"vocabulary ({describe_chars(self.unknown(text))})")
-        return ids.astype(np.int64)
+        return ids.astype(np.int64, copy=False)
 
     def decode(self, ids):
         return "".join(map(self.chars.__getitem__, np.asarray(ids, dtype=np.int64).tolist()))  # (not NumPy's

@@ -320,8 +320,8 @@ def _check_run(path, run, meta, has_vocab):
     char = run.get("tokenizer") == "char"
     if char != ("chars" in run) or char and len(run["chars"]) != h["max_token_value"]:
         held = f"{len(run['chars'])} characters" if "chars" in run else "no characters"
-        raise CheckpointError(f"checkpoint {path} stores run.tokenizer = {short(run.get('tokenizer'))} with {held} "
-                              f"for a vocabulary of {h['max_token_value']}; the file was edited or damaged")
+        raise CheckpointError(f"checkpoint {path} stores run.tokenizer = {short(run.get('tokenizer'))} with "
+                              f"{held} for a vocabulary of {h['max_token_value']}; the file was edited or damaged")
     if char and has_vocab:
         raise CheckpointError(f"checkpoint {path} has a char tokenizer and a vocab tensor (--compact-vocab's); "
                               "the file was edited or damaged")
