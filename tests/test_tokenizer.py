@@ -111,9 +111,9 @@ from transformer.state import load_state  # noqa: E402
 from transformer.validate import check_state  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAKESPEARE = os.path.join(REPO, "..", "..", "shared", "data", "tinyshakespeare.txt")  # beside the worktrees
-if not os.path.exists(SHAKESPEARE):
-    SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
+# The corpus beside the repository (../shared/data, or ../../shared/data from a worktree), never downloaded.
+SHAKESPEARE = next((path for path in (os.path.join(REPO, *up, "shared", "data", "tinyshakespeare.txt")
+                                      for up in (("..",), ("..", ".."))) if os.path.exists(path)), "")
 # nanoGPT's data/shakespeare_char/prepare.py prints these 65 for tinyshakespeare.
 NANOGPT_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 SMALL_TEXT = ("First Citizen:\r\nBefore we proceed any further, hear me speak.\n"
