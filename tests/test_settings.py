@@ -65,7 +65,7 @@ def test_a_recorded_run_written_back_as_a_config_repeats_it_bit_for_bit(tmp_path
     assert code == 0, err
     assert settings.main([str(first)]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("# The settings of")
+    assert printed.startswith("# The settings a checkpoint recorded at step 12")
     rebuilt = config_file(tmp_path, printed)
     assert tomllib.loads(printed)["beta2"] == 0.99
     second = tmp_path / "second.ckpt"
@@ -251,3 +251,15 @@ def test_the_shakespeare_config_keeps_nanogpts_data_tokenizer_and_evaluation():
                                          **settings.TOKENIZER_ADAMW_DEFAULTS})
     assert config["tokenizer"] == "char" and config["eval_iters"] == 20 and config["eval_interval"] == 250
     assert "data" not in config  # given on the command line: the project never ships or downloads it
+
+
+def test_settings_of_a_checkpoint_without_them_is_one_line(tmp_path, capsys):
+    from transformer import Model
+    from transformer.state import save_state
+    ckpt = tmp_path / "w.ckpt"
+    save_state(ckpt, Model(dict(d_model=8, num_blocks=1, num_heads=2, context_length=4, max_token_value=10)))
+    assert settings.main([str(ckpt)]) == 2
+    assert capsys.readouterr().err == (f"error: checkpoint {ckpt} records no training settings; only a checkpoint "
+                                       "that train.py wrote has them\n")
+    assert settings.main([str(tmp_path / "missing.ckpt")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

@@ -222,6 +222,9 @@ def read_config(path, defaults):
     return config
 
 
+NOT_SETTINGS = ("data_sha256", "converted_from", "chars", "max_token_value")  # facts of a run, not settings
+
+
 def config_text(run):
     """A TOML config of the settings a checkpoint recorded (its meta["run"]): train.py --config
     with it repeats the run.  Keys that are facts about the data, not settings, are left out."""
@@ -230,9 +233,6 @@ def config_text(run):
         if key in RUN_RULES and key not in NOT_SETTINGS and value is not None:
             lines.append(f"{key} = {toml_value(value)}")
     return "\n".join(lines) + "\n"
-
-
-NOT_SETTINGS = ("data_sha256", "converted_from", "chars", "max_token_value")
 
 
 def toml_value(value):
@@ -255,15 +255,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         _, meta = load_state(args.ckpt)
+        if not meta["run"] or "converted_from" in meta["run"]:
+            raise UserError(f"checkpoint {args.ckpt} records no training settings; only a checkpoint that "
+                            "train.py wrote has them")
+        text = config_text(meta["run"])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not meta["run"] or "converted_from" in meta["run"]:
-        print(f"error: checkpoint {args.ckpt} records no training settings (it was converted, not trained "
-              "here)", file=sys.stderr)
-        return 2
-    print(f"# The settings of {args.ckpt} (step {meta['step']}): python train.py --config FILE.toml")
-    sys.stdout.write(config_text(meta["run"]))
+    print(f"# The settings a checkpoint recorded at step {meta['step']}: python train.py --config FILE.toml")
+    sys.stdout.write(text)
     return 0
 
 
