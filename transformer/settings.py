@@ -39,7 +39,8 @@ def parse_args(argv, book_h_params):
                             help=f"(default: {value}, the book's)")
     parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
                         help="numpy (the CPU) or cupy (an NVIDIA GPU)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default=None, help="the weights' precision (default: float32)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                        help="the weights' precision (default: float32)")
     parser.add_argument("--data", default=None, help="UTF-8 text file (default: the built-in corpus)")
     parser.add_argument("--out", default=None, help="checkpoint path (default: model/model.ckpt, or --resume's)")
     parser.add_argument("--overwrite", action="store_true",
