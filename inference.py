@@ -16,23 +16,25 @@ from nanograd.backend import BackendError, get_backend
 from transformer.errors import OneLineParser, UserError, run_command
 from transformer.outputs import DEFAULT_OUT, Interrupts, check_default_folder
 from transformer.state import build_model, load_state
-from transformer.tokenizer import decode, encode_prompt, get_tokenizer
+from transformer.tokenizer import decode, encode_prompt, run_tokenizer
 from transformer.validate import check_generation_memory, check_seed
 
 
 def parse_args(argv):
     parser = OneLineParser(prog="inference.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", default=DEFAULT_OUT, help="checkpoint written by train.py")
-    parser.add_argument("--prompt", default="The ", help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--prompt", default="The ", help='text to continue (default: "The ")')
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
     parser.add_argument("--temperature", type=float, default=0.5, help="0 picks the most likely token")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="sample among the k most likely tokens (default: off)")
     parser.add_argument("--top-p", type=float, default=None,
-                        help="sample among the most likely tokens whose probabilities add up to p")
+                        help="sample among the most likely tokens whose probabilities add up to p (default: off)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0,
                         help="> 1 makes tokens already in the text less likely (CTRL's rule)")
-    parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling")
+    parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
+                        help="numpy (the CPU) or cupy (an NVIDIA GPU)")
     parser.add_argument("--no-kv-cache", action="store_true", help="recompute every position each step")
     parser.add_argument("--list-params", action="store_true",
                         help="after the parameter count, list every parameter's name and shape")
@@ -62,7 +64,7 @@ def main(argv=None):
         tensors, meta = load_state(args.ckpt)
         model = build_model(tensors, meta, backend=args.backend).eval()
         vocab = tensors.get("vocab")
-        tokenizer = get_tokenizer()
+        tokenizer = run_tokenizer(meta["run"])  # cl100k_base, or a char model's characters
         ids = encode_prompt(args.prompt, tokenizer, vocab, meta["h_params"]["max_token_value"])
         check_generation_memory(meta["h_params"], model.dtype, len(ids), args.max_new_tokens, args.backend)
     except (UserError, BackendError) as e:

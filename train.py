@@ -42,9 +42,9 @@ from transformer.outputs import DEFAULT_OUT, Interrupts, RunOutputs
 from transformer.progress import RunLog, TrainingSample, describe_backend, import_wandb, start_wandb
 from transformer.saving import CheckpointSaver, continued_checkpoint
 from transformer.schedule import learning_rate
-from transformer.settings import parse_args, run_settings, sample_interval
+from transformer.settings import adamw_settings, parse_args, run_settings, sample_interval
 from transformer.state import load_params, restore_optimizer, state_contents
-from transformer.tokenizer import get_tokenizer
+from transformer.tokenizer import training_tokenizer
 from transformer.validate import check_training_memory
 
 # The book's h_params (ch.19), each with a flag of the same name (transformer/settings.py).
@@ -72,9 +72,10 @@ def train(args, comm=None):
     outputs = outputs if first_rank else NoOutputs()  # rank 0 alone writes files
     outputs.check()  # before any work: never replace what this run did not write
 
-    # ---- data: read, tokenize with cl100k_base, split 90/10 ---------------------------------
+    # ---- data: read, tokenize (cl100k_base, or --tokenizer char), split 90/10 ----------------
     text = read_text(s["data"]) if s["data"] else default_corpus()
-    ids = tokenize(text, get_tokenizer())
+    tokenizer = training_tokenizer(s["tokenizer"], text, saved_meta.get("run"))
+    ids = tokenize(text, tokenizer)
     vocab = np.unique(ids) if s["compact_vocab"] else None  # (V,) the ids that occur, sorted
     if vocab is not None:
         ids = np.searchsorted(vocab, ids)  # dense ids 0 .. V-1
@@ -84,7 +85,7 @@ def train(args, comm=None):
     train_data, val_data = split(ids)
     check_splits(train_data, val_data, s["context_length"])
     print(f"Total: {len(ids):,} tokens ({len(train_data):,} train, {len(val_data):,} validation)")
-    sample = TrainingSample(ids, vocab, s["seed"], get_tokenizer()) if sample_every and first_rank else None
+    sample = TrainingSample(ids, vocab, s["seed"], tokenizer) if sample_every and first_rank else None
 
     # ---- model and optimizer ----------------------------------------------------------------
     h_params = {key: s[key] for key in BOOK_H_PARAMS}
@@ -97,10 +98,13 @@ def train(args, comm=None):
     if args.resume:
         load_params(model, saved_tensors)
         restore_optimizer(optimizer, saved_tensors, saved_meta, args.resume)
+        optimizer.betas, optimizer.weight_decay = (0.9, s["beta2"]), s["weight_decay"]  # as given now, if given
         start = saved_meta["step"]
         print(f"Resuming {args.resume} at step {start}")
     print(f"Model: {model.num_params():,} parameters, vocabulary {h_params['max_token_value']:,}, {s['dtype']}")
     run = {**s, "data_sha256": data_sha, "grad_accum_steps": world * s["grad_accum_steps"]}  # as one process's
+    if s["tokenizer"] == "char":
+        run["chars"] = tokenizer.chars  # the vocabulary, for inference.py
     sync = start_data_parallel(comm, model, s, args, start, data_sha) if comm else None
     B, T, seed, k = s["batch_size"], s["context_length"], s["seed"], s["grad_accum_steps"]
 
@@ -182,10 +186,10 @@ def make_model_and_optimizer(h_params, backend, s, reference, ranks=1):
     reference the plain ones, which run as any NumPy program does (BLAS on every core)."""
     if reference:
         model = Model(h_params, backend=backend, dtype=s["dtype"], seed=s["seed"])
-        return model, AdamW(model.params, lr=s["learning_rate"])
+        return model, AdamW(model.params, **adamw_settings(s, model.params))
     use_own_threads()  # the fast path splits its big kernels over the cores itself: BLAS on one
     model = FastModel(h_params, backend=backend, dtype=s["dtype"], seed=s["seed"])
-    optimizer = FastAdamW(model.params, lr=s["learning_rate"])
+    optimizer = FastAdamW(model.params, **adamw_settings(s, model.params))
     if s["grad_accum_steps"] == 1 and not s["grad_clip"] and ranks == 1:  # AdamW need not see every gradient first:
         model.head_ready = optimizer.start  # it begins on the output layer mid-backward
     return model, optimizer

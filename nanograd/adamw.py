@@ -29,14 +29,19 @@ class AdamW:
     place by adamw_update.  Defaults are torch's: betas (0.9, 0.999), eps
     1e-8, weight_decay 0.01 applied to every parameter.  State (m, v per
     parameter name, and the step count t from 1) round-trips through state_dict().
+
+    no_decay: names of parameters updated with weight_decay 0, as torch does
+    for a second param group {"params": [...], "weight_decay": 0.0}; nanoGPT
+    puts there every parameter of fewer than 2 dimensions (biases, LayerNorm).
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, no_decay=()):
         for name, p in params.items():
             if not p.flags.c_contiguous:
                 raise ValueError(f"parameter {name} must be C-contiguous to be updated in place")
         self.params = params
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
+        self.no_decay = frozenset(no_decay)
         self.t = 0
         self.m = {name: get_array_module(p).zeros_like(p) for name, p in params.items()}
         self.v = {name: get_array_module(p).zeros_like(p) for name, p in params.items()}
@@ -49,8 +54,12 @@ class AdamW:
         self.t += 1
         for name, p in self.params.items():
             adamw_update(p, grads[name], self.m[name], self.v[name],
-                         self.lr, *self.betas, self.eps, self.weight_decay, self.t)
+                         self.lr, *self.betas, self.eps, self.decay(name), self.t)
         return norm
+
+    def decay(self, name):
+        """The weight decay of the parameter called name: 0 if it is in no_decay."""
+        return 0.0 if name in self.no_decay else self.weight_decay
 
     def state_dict(self):
         """Everything needed to resume: hyperparameters, t, and m, v by name.

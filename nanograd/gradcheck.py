@@ -332,8 +332,9 @@ def parse_args(argv, prog, kernels):
     """The flags of python -m nanograd.gradcheck (and of transformer.gradcheck, whose kernels add 'model')."""
     from .errors import OneLineParser
     parser = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
-    parser.add_argument("--seed", type=seed_type, default=0)
+    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"],
+                        help="numpy (the CPU) or cupy (an NVIDIA GPU)")
+    parser.add_argument("--seed", type=seed_type, default=0, help="seed of the random inputs")
     parser.add_argument("--kernel", choices=kernels, metavar="NAME",
                         help="check only this one: " + ", ".join(kernels) + " (default: all)")
     return parser.parse_args(argv)

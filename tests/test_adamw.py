@@ -236,3 +236,31 @@ def test_non_contiguous_parameter_is_refused(Optimizer, xp):
         Optimizer({"w": xp.zeros((4, 3)).T})
 
 
+
+
+def test_no_decay_matches_torchs_two_param_groups(Optimizer, xp):
+    """no_decay = nanoGPT's second param group: torch.optim.AdamW([{params: the rest,
+    weight_decay 0.1}, {params: no_decay, weight_decay 0.0}]) gives the same parameters and
+    moments each step; the frozen one (gradient 0, not decayed) stays exactly where it was."""
+    config = dict(lr=3e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    no_decay = {"ln.weight", "frozen"}
+    params0, grads = initial_params(), gradients()
+    ts = {name: torch.tensor(p, requires_grad=True) for name, p in params0.items()}
+    groups = [{"params": [t for n, t in ts.items() if n not in no_decay]},
+              {"params": [t for n, t in ts.items() if n in no_decay], "weight_decay": 0.0}]
+    torch_opt = torch.optim.AdamW(groups, **config)
+    params = on(xp, params0)
+    opt = Optimizer(params, no_decay=no_decay, **config)
+    for step, g in enumerate(grads, start=1):
+        for name, t in ts.items():
+            t.grad = torch.tensor(g[name])
+        torch_opt.step()
+        opt.step(on(xp, g))
+        for name, t in ts.items():
+            np.testing.assert_allclose(to_host(params[name]), t.detach().numpy(), **TOL64, err_msg=f"{name} {step}")
+            np.testing.assert_allclose(to_host(opt.m[name]), torch_opt.state[t]["exp_avg"].numpy(), **TOL64,
+                                       err_msg=f"m {name} {step}")
+    np.testing.assert_array_equal(to_host(params["frozen"]), params0["frozen"])
+    decayed_everywhere = on(xp, params0)
+    Optimizer(decayed_everywhere, **config).step(on(xp, grads[0]))
+    assert not np.array_equal(to_host(decayed_everywhere["frozen"]), params0["frozen"])  # the groups differ

@@ -160,3 +160,20 @@ def test_cupy_step_is_one_launch_without_a_flush(cp, monkeypatch):
     resumed = AdamW(params())  # the moments load into the flat buffers' views
     resumed.load_state_dict(fast.state_dict())
     assert resumed.m["big"].base is not None and float(cp.abs(resumed.flat_m).sum()) == float(cp.abs(fast.flat_m).sum())
+
+
+def test_no_decay_parts_equal_textbook(xp):
+    """A no_decay parameter cut into PART-sized parts for the threads (or, on CuPy, updated by a
+    launch of its own): bit-identical to the textbook AdamW with the same no_decay."""
+    from nanograd.adamw import AdamW as PlainAdamW
+    rng = np.random.default_rng(11)
+    shapes = {"w": (5, 3), "big": (PART * 2 + 3,), "b": (7,)}
+    params = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    config = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, no_decay={"big", "b"})
+    plain, fast = PlainAdamW(on(xp, params), **config), AdamW(on(xp, params), **config)
+    for _ in range(3):
+        grads = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+        assert fast.step(on(xp, grads)) == pytest.approx(plain.step(on(xp, grads)), rel=1e-5)  # float32 sums
+    for name in shapes:
+        for a, b in ((fast.params, plain.params), (fast.m, plain.m), (fast.v, plain.v)):
+            np.testing.assert_array_equal(to_host(a[name]), to_host(b[name]), err_msg=name)

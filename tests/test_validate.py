@@ -190,7 +190,7 @@ CRAFTED = [
     ("tensor-unexpected", tensor_edit("extra", np.zeros(3, np.float32)), r"unexpected tensor 'extra'"),
     ("mask-not-causal", tensor_edit("transformer_blocks.0.mha.heads.1.mask", lambda m: np.ones_like(m)),
      r"heads\.1\.mask is not the causal mask"),
-    ("tokenizer-other", meta_edit(tokenizer="gpt2"), r"made for the tokenizer 'gpt2'; this code has only cl100k_base"),
+    ("tokenizer-other", meta_edit(tokenizer="gpt2"), r"made for the tokenizer 'gpt2'; this code has only cl100k_base and char"),
     ("vocab-0-d", meta_edit(vocab=5), r"vocab must be a list of token ids, got 5"),
     ("vocab-2-d", vocab_edit(lambda v: [v[:30], v[30:]]), r"vocab must be a list of token ids, got \[\["),
     ("vocab-float", vocab_edit(lambda v: [float(i) for i in v]), r"vocab must be a list of token ids, got \[3\.0"),

@@ -20,7 +20,7 @@ from nanograd.backend import BackendError, get_backend, to_host
 from .errors import OneLineParser, UserError, run_command
 from .outputs import DEFAULT_OUT, check_default_folder, check_png_output, replacing
 from .state import build_model, load_state
-from .tokenizer import encode_prompt, get_tokenizer
+from .tokenizer import decode, encode_prompt, run_tokenizer
 from .validate import check_inspect_memory
 
 
@@ -162,8 +162,7 @@ def check_out_dir(out_dir):
 
 
 def main(argv=None):
-    parser = OneLineParser(prog="python -m transformer.inspect", description=__doc__.split("\n\n")[0],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # help ends in the default
+    parser = OneLineParser(prog="python -m transformer.inspect", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", default=DEFAULT_OUT,
                         help="checkpoint to read, as train.py writes it")
     parser.add_argument("--prompt", default="Return the number of items in the list.",
@@ -178,11 +177,11 @@ def main(argv=None):
         check_default_folder(args.ckpt)
         tensors, meta = load_state(args.ckpt)
         model = build_model(tensors, meta, backend=args.backend)
-        tokenizer = get_tokenizer()
+        tokenizer = run_tokenizer(meta["run"])
         ids = encode_prompt(args.prompt, tokenizer, tensors.get("vocab"), meta["h_params"]["max_token_value"])
         ids = ids[-model.context_length:]
         raw = ids if "vocab" not in tensors else tensors["vocab"][ids]
-        labels = [repr(tokenizer.decode([int(i)]))[1:-1] for i in raw]
+        labels = [repr(decode(tokenizer, [int(i)]))[1:-1] for i in raw]
         h = meta["h_params"]
         check_inspect_memory(h, model.dtype, len(ids), image_pixels(h["num_blocks"], h["num_heads"], len(ids)))
         check_out_dir(args.out_dir)

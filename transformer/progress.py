@@ -11,6 +11,7 @@ import numpy as np
 from nanograd.fast.threads import cpu_threads
 
 from .errors import UserError
+from .tokenizer import CharTokenizer, decode
 
 
 def describe_backend(xp):
@@ -127,7 +128,8 @@ class TrainingSample:
     trains bit for bit as one without (tests/test_train.py)."""
 
     def __init__(self, ids, vocab, seed, tokenizer, new_tokens=SAMPLE_TOKENS):
-        newline = tokenizer.encode_ordinary("\n")[0]  # in cl100k_base's numbering
+        known = not isinstance(tokenizer, CharTokenizer) or not tokenizer.unknown("\n")
+        newline = int(tokenizer.encode_ordinary("\n")[0]) if known else -1  # in the tokenizer's numbering
         if vocab is not None:  # the model's dense numbering
             where = int(np.searchsorted(vocab, newline))
             newline = where if where < len(vocab) and vocab[where] == newline else -1
@@ -137,7 +139,7 @@ class TrainingSample:
     def text(self, model):
         out = model.generate(self.prompt, self.new_tokens, temperature=SAMPLE_TEMPERATURE,
                              rng=np.random.default_rng([self.seed, SAMPLE_STREAM]))[0]  # (1 + new,)
-        return self.tokenizer.decode((self.vocab[out] if self.vocab is not None else out).tolist())
+        return decode(self.tokenizer, (self.vocab[out] if self.vocab is not None else out).tolist())
 
 
 def progress_bar(start, total, enabled):

@@ -1,11 +1,23 @@
 """train.py's settings: the book's h_params, the run's other settings, their flags and checks.
 
-Each setting is a flag; a value given now wins, then (with --resume) the
-resumed run's, then the default here.
+Each setting is a flag, and a key of the same name (with _ for -) in a --config
+TOML file.  A flag given now wins, then the config file, then (with --resume)
+the resumed run's settings, then the defaults here.  Every checkpoint records
+the resolved settings in meta["run"]; `python -m transformer.settings CKPT`
+prints them back as a config file that reproduces the run.
 """
-from .errors import CheckpointError, OneLineParser, UserError
+import argparse
+import difflib
+import sys
+
+try:
+    import tomllib  # Python 3.11+
+except ModuleNotFoundError:  # Python 3.9, 3.10: the same parser, as a package (pyproject.toml)
+    import tomli as tomllib
+
+from .errors import CheckpointError, OneLineParser, UserError, run_command
 from .state import check_resumable, load_state
-from .validate import check_finite_settings, check_seed, check_training_memory
+from .validate import RUN_RULES, check_finite_settings, check_seed, check_training_memory, read_file, short
 
 # The rest of the run's settings and their defaults.
 RUN_DEFAULTS = {
@@ -13,34 +25,42 @@ RUN_DEFAULTS = {
     "lr_schedule": "constant", "warmup_iters": 0, "min_lr": 0.0,
     "grad_clip": 0.0, "grad_accum_steps": 1, "eval_full": False, "compact_vocab": False,
 }
+# The tokenizer and AdamW's settings (issue 24); the defaults are the book's (torch's AdamW).
+TOKENIZER_ADAMW_DEFAULTS = {"tokenizer": "cl100k_base", "beta2": 0.999, "weight_decay": 0.01,
+                            "weight_decay_on": "all"}
 ARCHITECTURE = ("d_model", "num_blocks", "num_heads", "context_length", "dropout")
+CONFIG_ONLY = ("out",)  # config keys that are no setting of the run (not recorded, not checked on resume)
 
 
 def parse_args(argv, book_h_params):
     parser = OneLineParser(prog="train.py", description="Train the book's Transformer, every gradient computed by hand.")
     for key, value in book_h_params.items():  # default None: "not given", so --resume can tell
         parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=None,
-                            help=f"the book's default: {value}")
-    parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default=None, help="default float32")
+                            help=f"(default: {value}, the book's)")
+    parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
+                        help="numpy (the CPU) or cupy (an NVIDIA GPU)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                        help="the weights' precision (default: float32)")
     parser.add_argument("--data", default=None, help="UTF-8 text file (default: the built-in corpus)")
-    parser.add_argument("--out", default=None, help="checkpoint path (default model/model.ckpt, or --resume's)")
+    parser.add_argument("--out", default=None, help="checkpoint path (default: model/model.ckpt, or --resume's)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier run's checkpoint and metrics at --out (refused otherwise)")
-    parser.add_argument("--resume", default=None, metavar="CKPT", help="continue the run saved in CKPT")
+    parser.add_argument("--resume", default=None, metavar="CKPT",
+                        help="continue the run saved in CKPT (default: a new run)")
     parser.add_argument("--save-interval", type=int, default=None,
                         help="save every N steps (default: at every evaluation; 0: only at the end)")
-    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None)
-    parser.add_argument("--warmup-iters", type=int, default=None, help="linear warm-up steps (default 0)")
-    parser.add_argument("--min-lr", type=float, default=None, help="cosine's final rate (default 0)")
-    parser.add_argument("--grad-clip", type=float, default=None, help="clip the global gradient norm (0: off)")
-    parser.add_argument("--grad-accum-steps", type=int, default=None, help="micro-batches per step (default 1)")
-    parser.add_argument("--eval-full", action="store_true", default=None,
-                        help="also compute the exact loss over the whole validation split")
-    parser.add_argument("--compact-vocab", action="store_true", default=None,
-                        help="renumber the corpus's token ids densely (a much smaller output layer)")
+    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None,
+                        help="cosine: after the warm-up, down to --min-lr at --max-iters (default: constant)")
+    parser.add_argument("--warmup-iters", type=int, default=None, help="linear warm-up steps (default: 0)")
+    parser.add_argument("--min-lr", type=float, default=None, help="cosine's final rate (default: 0)")
+    parser.add_argument("--grad-clip", type=float, default=None, help="clip the global gradient norm (default: 0, off)")
+    parser.add_argument("--grad-accum-steps", type=int, default=None, help="micro-batches per step (default: 1)")
+    parser.add_argument("--eval-full", action=argparse.BooleanOptionalAction, default=None,
+                        help="also compute the exact loss over the whole validation split (default: off)")
+    parser.add_argument("--compact-vocab", action=argparse.BooleanOptionalAction, default=None,
+                        help="renumber the corpus's token ids densely (a much smaller output layer; default: off)")
     parser.add_argument("--wandb", nargs="?", const="LLMZhang_lesson_2", default=None, metavar="PROJECT",
-                        help="log to Weights & Biases (WANDB_MODE=offline works without an account)")
+                        help="log to Weights & Biases (WANDB_MODE=offline works without an account; default: off)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--reference", action="store_true",
                         help="train with the plain Model and AdamW (the code to read; slower, same numbers)")
@@ -48,13 +68,16 @@ def parse_args(argv, book_h_params):
                         help="under mpiexec: add the ranks' gradients in rank order, so the run equals one "
                              "process's bit for bit (slower)")
     add_watch_flags(parser)
-    return parser.parse_args(argv)
+    add_config_flags(parser)
+    args = parser.parse_args(argv)
+    return apply_config(args, {**book_h_params, **RUN_DEFAULTS, **KEEP_DEFAULTS, **TOKENIZER_ADAMW_DEFAULTS})
 
 
 def resolve_settings(args, saved, book_h_params):
-    """Flags given now win, then the resumed run's settings, then the defaults."""
+    """Flags given now win (and the config file's settings, which apply_config put among them),
+    then the resumed run's settings, then the defaults."""
     settings = {}
-    for key, default in {**book_h_params, **RUN_DEFAULTS, **KEEP_DEFAULTS}.items():
+    for key, default in {**book_h_params, **RUN_DEFAULTS, **KEEP_DEFAULTS, **TOKENIZER_ADAMW_DEFAULTS}.items():
         given = getattr(args, key)
         settings[key] = given if given is not None else saved.get(key, default)
         kind = {bool: bool, int: int, float: (int, float), str: str}.get(type(default))
@@ -62,10 +85,12 @@ def resolve_settings(args, saved, book_h_params):
             raise CheckpointError(f"checkpoint {args.resume} stores a malformed {key} ({settings[key]!r}); "
                                   "it cannot be resumed, but inference.py can still use it")
     if args.resume:
-        for key in ARCHITECTURE + ("compact_vocab", "dtype"):
-            if getattr(args, key) is not None and getattr(args, key) != saved.get(key):
-                raise UserError(f"--{key.replace('_', '-')} differs from the checkpoint's "
-                                f"({saved.get(key)!r}); a resumed run keeps its model")
+        for key in ARCHITECTURE + ("compact_vocab", "dtype", "tokenizer"):
+            before = saved.get(key, TOKENIZER_ADAMW_DEFAULTS.get(key))  # a checkpoint older than --tokenizer: cl100k
+            if getattr(args, key) is not None and getattr(args, key) != before:
+                given = f"{key} in {args.config}" if key in getattr(args, "from_config", ()) else \
+                    f"--{key.replace('_', '-')}"
+                raise UserError(f"{given} differs from the checkpoint's ({before!r}); a resumed run keeps its model")
     if settings["save_interval"] is None:
         settings["save_interval"] = settings["eval_interval"]
     return settings
@@ -92,8 +117,15 @@ def check_settings(s):
         raise UserError(f"--grad-clip must be 0 (off) or positive, got {s['grad_clip']}.")
     if s["data"] == "":
         raise UserError("--data is empty; give a UTF-8 text file, or leave out --data for the built-in corpus")
+    if s["compact_vocab"] and s["tokenizer"] == "char":
+        raise UserError("--compact-vocab renumbers cl100k_base's ids; --tokenizer char's are already dense, "
+                        "drop one of the two")
+    if not 0 <= s["beta2"] < 1:
+        raise UserError(f"--beta2 must lie in [0, 1), got {s['beta2']}.")
+    if not s["weight_decay"] >= 0:
+        raise UserError(f"--weight-decay must be 0 or more, got {s['weight_decay']}.")
     check_seed(s["seed"])
-    check_finite_settings(s)
+    check_finite_settings(s, ("learning_rate", "min_lr", "grad_clip", "dropout", "beta2", "weight_decay"))
 
 
 def run_settings(args, book_h_params, world=1):
@@ -172,3 +204,124 @@ def sample_interval(args, s):
     if args.sample_interval < 0:
         raise UserError(f"--sample-interval must be 0 (off) or more, got {args.sample_interval}.")
     return args.sample_interval
+
+
+# ---- a config file, the tokenizer and AdamW's settings (issues 22.4, 24.1) ---------------------
+
+def add_config_flags(parser):
+    parser.add_argument("--config", default=None, metavar="FILE.toml",
+                        help="settings from a TOML file, one key per flag (batch_size = 12); flags given "
+                             "with it win (default: none)")
+    parser.add_argument("--tokenizer", choices=["cl100k_base", "char"], default=None,
+                        help="cl100k_base (the book's) or char: the sorted characters of the text, as "
+                             "nanoGPT's shakespeare_char (default: cl100k_base)")
+    parser.add_argument("--beta2", type=float, default=None, help="AdamW's second-moment decay (default: 0.999)")
+    parser.add_argument("--weight-decay", type=float, default=None, help="AdamW's decoupled weight decay "
+                        "(default: 0.01)")
+    parser.add_argument("--weight-decay-on", choices=["all", "matrices"], default=None,
+                        help="decay every parameter (the book's), or only those of 2 or more dimensions, as "
+                             "nanoGPT (default: all)")
+
+
+def adamw_settings(s, params):
+    """AdamW's keyword arguments from the settings s: the rate, betas (0.9, beta2), the weight
+    decay, and with weight_decay_on "matrices" the parameters it spares (nanoGPT's second group:
+    those of fewer than 2 dimensions, the biases and LayerNorms' gains and shifts)."""
+    no_decay = [name for name, p in params.items() if p.ndim < 2] if s["weight_decay_on"] == "matrices" else []
+    return {"lr": s["learning_rate"], "betas": (0.9, s["beta2"]), "weight_decay": s["weight_decay"],
+            "no_decay": no_decay}
+
+
+def apply_config(args, defaults):
+    """args with each setting not given as a flag taken from args.config's file, if any;
+    args.from_config names the keys the file gave."""
+    args.from_config = set()
+    if args.config is None:
+        return args
+    for key, value in read_config(args.config, defaults).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+            args.from_config.add(key)
+    return args
+
+
+def read_config(path, defaults):
+    """{key: value} of the TOML config file at path, every key a setting of defaults (or out)
+    and every value of its type and in its range; UserError naming the first that is not."""
+    try:
+        raw = read_file(path, "config file", per_byte=64)  # a regular file, its size checked first
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist; pass the path of a TOML file") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {path} is a directory; pass the path of a TOML file") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {path} ({e.strerror}); check its permissions") from None
+    try:
+        config = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not valid UTF-8 (bad byte at offset {e.start})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path} is not valid TOML: {e}") from None
+    known = [*defaults, *CONFIG_ONLY]
+    for key, value in config.items():
+        if key not in known:
+            close = difflib.get_close_matches(key.replace("-", "_"), known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UserError(f"config file {path} has an unknown setting {short(key)}; {hint}the settings are "
+                            "train.py's flags with _ for - (see train.py --help)")
+        test, kind = RUN_RULES.get(key, (lambda v: isinstance(v, str) and 0 < len(v) < 4096, "a path"))
+        if not test(value):
+            raise UserError(f"config file {path}: {key} must be {kind}, got {short(value)}")
+        if isinstance(defaults.get(key), float):
+            config[key] = float(value)  # learning_rate = 1 means 1.0, as --learning-rate 1 does
+    return config
+
+
+NOT_SETTINGS = ("data_sha256", "converted_from", "chars", "max_token_value",  # facts of a run, not settings
+                "time_s", "best_valid_loss")
+
+
+def config_text(run):
+    """A TOML config of the settings a checkpoint recorded (its meta["run"]): train.py --config
+    with it repeats the run.  Keys that are facts about the data, not settings, are left out."""
+    lines = []
+    for key, value in run.items():
+        if key in RUN_RULES and key not in NOT_SETTINGS and value is not None:
+            lines.append(f"{key} = {toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def toml_value(value):
+    """value as a TOML literal: a bool, an int, a float (repr is TOML's syntax) or a basic string."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if any(0xD800 <= ord(c) < 0xE000 for c in value):  # a path's bytes that are not UTF-8 (surrogateescape)
+        raise UserError(f"{short(value)} holds bytes that are not UTF-8, which a TOML file cannot hold")
+    escaped = (c if c not in '"\\' and 0x20 <= ord(c) != 0x7F else f"\\u{ord(c):04x}" for c in value)
+    return '"' + "".join(escaped) + '"'
+
+
+def main(argv=None):
+    parser = OneLineParser(prog="python -m transformer.settings",
+                           description="Print the settings a checkpoint was trained with as a TOML config "
+                                       "for train.py --config.")
+    parser.add_argument("ckpt", help="checkpoint written by train.py")
+    args = parser.parse_args(argv)
+    try:
+        _, meta = load_state(args.ckpt)
+        if not meta["run"] or "converted_from" in meta["run"]:
+            raise UserError(f"checkpoint {args.ckpt} records no training settings; only a checkpoint that "
+                            "train.py wrote has them")
+        text = config_text(meta["run"])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"# The settings a checkpoint recorded at step {meta['step']}: python train.py --config FILE.toml")
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    run_command(main)

@@ -7,7 +7,7 @@
              adamw.exp_avg_sq.<name> AdamW's second moments  (training checkpoints only)
     meta     format, h_params (the book's dict), dtype, step (optimizer steps done),
              adamw (hyperparameters and t, or null), run (seed and settings of the run),
-             tokenizer ("cl100k_base"), vocab (original token ids of a --compact-vocab model, or null)
+             tokenizer ("cl100k_base", or "char": run.chars holds its characters), vocab (original token ids of a --compact-vocab model, or null)
 
 The random state needs no bytes of its own: every draw of step s comes from
 a generator seeded by (seed, purpose, s), so (seed, step) restores it.
@@ -46,7 +46,7 @@ def state_contents(model, optimizer=None, step=0, run=None, vocab=None):
         adamw = {"lr": optimizer.lr, "betas": list(optimizer.betas), "eps": optimizer.eps,
                  "weight_decay": optimizer.weight_decay, "t": optimizer.t}  # state_dict() would copy m, v
     meta = {"format": FORMAT, "h_params": dict(h), "dtype": model.dtype.name, "step": int(step),
-            "adamw": adamw, "run": dict(run or {}), "tokenizer": TOKENIZER,
+            "adamw": adamw, "run": dict(run or {}), "tokenizer": (run or {}).get("tokenizer", TOKENIZER),
             "vocab": None if vocab is None else np.asarray(vocab).tolist()}
     return tensors, meta
 

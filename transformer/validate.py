@@ -259,8 +259,23 @@ RUN_RULES = {
     "keep": (lambda v: v in ("last", "best"), "last or best"),
     "time_s": _NON_NEGATIVE_REAL,  # seconds the run had trained when it saved: its metrics' time_s go on from it
     "best_valid_loss": _NON_NEGATIVE_REAL,  # --keep best: the validation loss of the evaluation saved
+    # the tokenizer and AdamW (issue 24): chars is a char model's vocabulary (tokenizer.CharTokenizer)
+    "tokenizer": (lambda v: v in ("cl100k_base", "char"), "cl100k_base or char"),
+    "chars": (lambda v: isinstance(v, str) and is_sorted_text(v), "distinct characters in increasing order"),
+    "beta2": (lambda v: is_real(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "weight_decay": _NON_NEGATIVE_REAL,
+    "weight_decay_on": (lambda v: v in ("all", "matrices"), "all or matrices"),
 }
 REQUIRED_H_PARAMS = ("d_model", "num_blocks", "num_heads", "context_length", "max_token_value")
+
+
+def is_sorted_text(text):
+    """text is at least one character, each a Unicode scalar value, in strictly increasing order."""
+    try:
+        points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # a lone surrogate cannot encode
+    except UnicodeEncodeError:
+        return False
+    return len(points) > 0 and bool((np.diff(points.astype(np.int64)) > 0).all())  # (uint32 differences wrap)
 
 
 def short(value):
@@ -379,6 +394,19 @@ def _check_run(path, run, meta, has_vocab):
     if "dtype" in run and run["dtype"] != meta["dtype"]:
         raise CheckpointError(f"checkpoint {path} stores run.dtype = {run['dtype']!r} but its weights "
                               f"are {meta['dtype']}; the file was edited or damaged")
+    char = run.get("tokenizer") == "char"
+    if char != ("chars" in run) or char and len(run["chars"]) != h["max_token_value"]:
+        held = f"{len(run['chars'])} characters" if "chars" in run else "no characters"
+        raise CheckpointError(f"checkpoint {path} stores run.tokenizer = {short(run.get('tokenizer'))} with "
+                              f"{held} for a vocabulary of {h['max_token_value']}; the file was edited or damaged")
+    if char and has_vocab:
+        raise CheckpointError(f"checkpoint {path} has a char tokenizer and a vocab tensor (--compact-vocab's); "
+                              "the file was edited or damaged")
+    adamw = meta.get("adamw")
+    for key, saved in (("beta2", adamw and adamw["betas"][1]), ("weight_decay", adamw and adamw["weight_decay"])):
+        if adamw and key in run and run[key] != saved:
+            raise CheckpointError(f"checkpoint {path} stores run.{key} = {short(run[key])} but its optimizer "
+                                  f"has {short(saved)}; the file was edited or damaged")
     if "compact_vocab" in run and run["compact_vocab"] != has_vocab:
         raise CheckpointError(f"checkpoint {path} stores run.compact_vocab = {run['compact_vocab']} but "
                               f"{'has' if has_vocab else 'lacks'} a vocab tensor; the file was edited or damaged")
@@ -443,11 +471,14 @@ def check_state(tensors, meta, path, format_name):
     if adamw is not None:
         _check_adamw(path, adamw, step)
     vocab = meta.setdefault("vocab", None)
-    if meta.setdefault("tokenizer", TOKENIZER) != TOKENIZER:
+    if meta.setdefault("tokenizer", TOKENIZER) not in (TOKENIZER, "char"):
         raise CheckpointError(f"checkpoint {path} was made for the tokenizer {short(meta['tokenizer'])}; "
-                              f"this code has only {TOKENIZER}")
+                              f"this code has only {TOKENIZER} and char")
     _check_run(path, meta.setdefault("run", {}), meta, vocab is not None)
-    if vocab is None and h["max_token_value"] > TOKENIZER_IDS:
+    if meta["run"].get("tokenizer", TOKENIZER) != meta["tokenizer"]:
+        raise CheckpointError(f"checkpoint {path} names the tokenizer {short(meta['tokenizer'])} but its run "
+                              f"was trained with {short(meta['run']['tokenizer'])}; the file was edited or damaged")
+    if vocab is None and "chars" not in meta["run"] and h["max_token_value"] > TOKENIZER_IDS:
         raise CheckpointError(f"checkpoint {path} has max_token_value {h['max_token_value']} but the "
                               f"tokenizer has only {TOKENIZER_IDS} ids; the file was edited or damaged")
     shapes = _expected_names(meta, tensors, path)  # counted first: a crafted num_blocks lists nothing

@@ -12,7 +12,7 @@ operation after another over whole arrays) with:
 - the gradients' norm summed while the update reads them, not in a pass of its own;
 - a flush of tiny moments every ~170 steps (a CPU denormal fix, see FastAdamW);
 - on CuPy, the moments in one flat buffer each and every parameter updated by
-  one CUDA launch (cuda_kernels.AdamWTables), which also sums the squares for the
+  one CUDA launch (cuda_kernels.AdamWTables; two with no_decay), which also sums the squares for the
   norm: a step is a 4 KB copy of gradient addresses, that launch, one sum and one
   read of it, where AdamW makes ~400 launches and reads 137 device scalars.
 
@@ -85,10 +85,10 @@ def element_groups(sizes, part):
     return [group for group in groups if group]
 
 
-def _update_group(group, settings):
-    """adamw_update_blocked on each (p, g, m, v) of group: one CPU thread's task.  Returns
-    the sum of the squares of the group's gradients."""
-    return sum(adamw_update_blocked(*arrays, *settings) for arrays in group)
+def _update_group(group):
+    """adamw_update_blocked on each ((p, g, m, v), settings) of group: one CPU thread's task.
+    Returns the sum of the squares of the group's gradients."""
+    return sum(adamw_update_blocked(*arrays, *settings) for arrays, settings in group)
 
 
 class FastAdamW(AdamW):
@@ -110,7 +110,7 @@ class FastAdamW(AdamW):
         super().__init__(params, *args, **kwargs)
         self.started = set()  # names whose update in this step start() has begun
         self.squares = []  # this step's sums of squared gradient elements so far, or futures of them
-        self.tables = None  # CuPy: the launch tables of cuda_kernels.AdamWTables
+        self.tables = None  # CuPy: [(cuda_kernels.AdamWTables, the names it updates)]
         arrays = list(params.values())
         if arrays and not isinstance(arrays[0], np.ndarray):
             self._flatten_moments(arrays)
@@ -125,7 +125,11 @@ class FastAdamW(AdamW):
         names = list(self.params)
         self.m = {n: self.flat_m[o:o + p.size].reshape(p.shape) for n, p, o in zip(names, arrays, offsets)}
         self.v = {n: self.flat_v[o:o + p.size].reshape(p.shape) for n, p, o in zip(names, arrays, offsets)}
-        self.tables = cuda_kernels.AdamWTables(arrays, [self.m[n] for n in names], [self.v[n] for n in names])
+        self.tables = []  # (AdamWTables, names): one launch for the decayed parameters, one for the rest
+        for group in ([n for n in names if n not in self.no_decay], [n for n in names if n in self.no_decay]):
+            if group:
+                tables = cuda_kernels.AdamWTables(*([d[n] for n in group] for d in (self.params, self.m, self.v)))
+                self.tables.append((tables, group))
 
     def step(self, grads):
         """One update of every parameter from grads (same names).  Returns the
@@ -146,9 +150,9 @@ class FastAdamW(AdamW):
         if self.tables is not None:
             self.t += 1
             self.started = set()
-            squares = self.tables.step([grads[name] for name in self.params], self.lr, *self.betas, self.eps,
-                                       self.weight_decay, self.t)  # (blocks,) on the device
-            return math.sqrt(float(squares.sum()))
+            squares = [tables.step([grads[name] for name in group], self.lr, *self.betas, self.eps,
+                                   self.decay(group[0]), self.t) for tables, group in self.tables]  # (blocks,) each
+            return math.sqrt(sum(float(s.sum()) for s in squares))
         self._launch({name: grads[name] for name in self.params if name not in self.started}, split=True)
         squares = [s.result() if isinstance(s, Future) else s for s in self.squares]  # waits for the threads
         self.started, self.squares = set(), []
@@ -176,16 +180,15 @@ class FastAdamW(AdamW):
         if grads and not self.started:  # the step's first update
             self.t += 1
         self.started.update(grads)
-        settings = (self.lr, *self.betas, self.eps, self.weight_decay, self.t)
-        flat = []  # (p, g, m, v) of each NumPy parameter, as 1-D views: p, m, v are contiguous
+        flat = []  # (p, g, m, v) of each NumPy parameter, as 1-D views (p, m, v are contiguous), and its settings
         for name, g in grads.items():
             arrays = (self.params[name], g, self.m[name], self.v[name])
-            flat.append([a.reshape(-1) for a in arrays])
-        groups = element_groups([p.size for p, _, _, _ in flat], PART)
-        tasks = [[[a[start:stop] for a in flat[i]] for i, start, stop in group] for group in groups]
+            flat.append(([a.reshape(-1) for a in arrays], (self.lr, *self.betas, self.eps, self.decay(name), self.t)))
+        groups = element_groups([arrays[0].size for arrays, _ in flat], PART)
+        tasks = [[([a[start:stop] for a in flat[i][0]], flat[i][1]) for i, start, stop in group] for group in groups]
         if tasks and not split:
             tasks = [sum(tasks, [])]  # one task: the parts one after another
-        self.squares += submit([(_update_group, task, settings) for task in tasks])
+        self.squares += submit([(_update_group, task) for task in tasks])
 
     def flush_interval(self):
         """Steps within which a moment of at least TINY, decaying by beta1 or beta2 a step,
