@@ -14,9 +14,10 @@ Each piece names the plain code of Model it replaces:
         -> head_ready(grads), called with the output layer's final gradients before the
            walk back through the blocks: train.py sets it to FastAdamW.start, which updates
            half of the parameters on one core while this thread walks the blocks
-    Model.block_forward / block_backward and the final LayerNorm: layernorm and attention
-        -> the kernels of self.kernels: on NumPy the plain ones themselves, on CuPy their
-           CUDA twins (cuda_kernels.py), a LayerNorm or a softmax in one launch
+    Model.block_forward / block_backward and the final LayerNorm: linear, relu, layernorm, attention
+        -> the kernels of self.kernels: on NumPy their twins cut by rows over every CPU
+           core (cpu_kernels.py), on CuPy the CUDA LayerNorm and attention (cuda_kernels.py),
+           a LayerNorm or a softmax in one launch
 
 Like PyTorch's .grad, the arrays backward() returns for the output layer and
 the embedding are overwritten by the next backward(): copy them to keep them.
@@ -29,23 +30,23 @@ import numpy as np
 
 from transformer.model import EMBEDDING, HEAD_B, HEAD_W, BlockCache, BlockParams, ForwardCache, Model
 
-from .. import attention, layernorm
+from .. import linear, relu
 from ..backend import scatter_add
 from ..dropout import dropout_backward, dropout_forward
 from ..embedding import embedding_forward
-from ..linear import linear_backward, linear_forward
-from ..relu import relu_backward, relu_forward
-from . import cuda_kernels
+from . import cpu_kernels, cuda_kernels
 from .linear_cross_entropy import linear_cross_entropy_backward, linear_cross_entropy_forward
 
 
 def kernel_table(xp):
-    """The LayerNorm and attention kernels FastModel runs: plain on NumPy, CUDA on CuPy."""
-    source = (layernorm, attention) if xp is np else (cuda_kernels, cuda_kernels)
-    return SimpleNamespace(layernorm_forward=source[0].layernorm_forward,
-                           layernorm_backward=source[0].layernorm_backward,
-                           attention_forward=source[1].attention_forward,
-                           attention_backward=source[1].attention_backward)
+    """The blocks' kernels FastModel runs: on NumPy the threaded ones of cpu_kernels.py, on CuPy
+    the plain linear and ReLU with the CUDA LayerNorm and attention."""
+    if xp is np:
+        source = dict.fromkeys(("layernorm", "attention", "linear", "relu"), cpu_kernels)
+    else:
+        source = dict(layernorm=cuda_kernels, attention=cuda_kernels, linear=linear, relu=relu)
+    return SimpleNamespace(**{f"{op}_{way}": getattr(module, f"{op}_{way}")
+                              for op, module in source.items() for way in ("forward", "backward")})
 
 
 def embedding_backward_into(dW, dout, cache):
@@ -117,13 +118,13 @@ class FastModel(Model):
         k, p, rng, train = self.kernels, self.dropout, self.rng, self.training
         h, ln1 = k.layernorm_forward(x, blk.ln1_w, blk.ln1_b)  # (B, T, C)
         h, attn = k.attention_forward(h, blk.Wq, blk.Wk, blk.Wv, p, rng, train)  # (B, T, C)
-        h, proj = linear_forward(h, blk.proj_W, blk.proj_b)  # (B, T, C)
+        h, proj = k.linear_forward(h, blk.proj_W, blk.proj_b)  # (B, T, C)
         h, drop1 = dropout_forward(h, p, rng, train)  # (B, T, C)
         x = x + h  # (B, T, C)
         h, ln2 = k.layernorm_forward(x, blk.ln2_w, blk.ln2_b)  # (B, T, C)
-        h, fc1 = linear_forward(h, blk.fc1_W, blk.fc1_b)  # (B, T, 4C)
-        h, relu = relu_forward(h)  # (B, T, 4C)
-        h, fc2 = linear_forward(h, blk.fc2_W, blk.fc2_b)  # (B, T, C)
+        h, fc1 = k.linear_forward(h, blk.fc1_W, blk.fc1_b)  # (B, T, 4C)
+        h, relu = k.relu_forward(h)  # (B, T, 4C)
+        h, fc2 = k.linear_forward(h, blk.fc2_W, blk.fc2_b)  # (B, T, C)
         h, drop2 = dropout_forward(h, p, rng, train)  # (B, T, C)
         x = x + h  # (B, T, C)
         return x, BlockCache(ln1, attn, proj, drop1, ln2, fc1, relu, fc2, drop2)
@@ -132,13 +133,13 @@ class FastModel(Model):
         """Model.block_backward, its LayerNorms and attention from self.kernels."""
         k = self.kernels
         dh = dropout_backward(dx, c.drop2)  # (B, T, C)
-        dh, dfc2_W, dfc2_b = linear_backward(dh, c.fc2)  # (B, T, 4C)
-        dh = relu_backward(dh, c.relu)  # (B, T, 4C)
-        dh, dfc1_W, dfc1_b = linear_backward(dh, c.fc1)  # (B, T, C)
+        dh, dfc2_W, dfc2_b = k.linear_backward(dh, c.fc2)  # (B, T, 4C)
+        dh = k.relu_backward(dh, c.relu)  # (B, T, 4C)
+        dh, dfc1_W, dfc1_b = k.linear_backward(dh, c.fc1)  # (B, T, C)
         dh, dln2_w, dln2_b = k.layernorm_backward(dh, c.ln2)  # (B, T, C)
         dx += dh
         dh = dropout_backward(dx, c.drop1)  # (B, T, C)
-        dh, dproj_W, dproj_b = linear_backward(dh, c.proj)  # (B, T, C)
+        dh, dproj_W, dproj_b = k.linear_backward(dh, c.proj)  # (B, T, C)
         dh, dWq, dWk, dWv = k.attention_backward(dh, c.attn)  # (B, T, C), (NH, hs, C) x 3
         dh, dln1_w, dln1_b = k.layernorm_backward(dh, c.ln1)  # (B, T, C)
         dx += dh
