@@ -22,12 +22,13 @@ RTOL, ATOL = 1e-12, 1e-13
 @contextlib.contextmanager
 def cores(n):
     """Run as if the machine had n cores (the kernels cut their rows by cpu_threads())."""
-    real = cpu_kernels.cpu_threads
+    real = cpu_kernels.cpu_threads, cpu_kernels.MIN_FLOPS, cpu_kernels.MIN_ELEMENTS
     cpu_kernels.cpu_threads = lambda: n
+    cpu_kernels.MIN_FLOPS = cpu_kernels.MIN_ELEMENTS = 1  # cut even the tests' tiny arrays
     try:
         yield
     finally:
-        cpu_kernels.cpu_threads = real
+        cpu_kernels.cpu_threads, cpu_kernels.MIN_FLOPS, cpu_kernels.MIN_ELEMENTS = real
 
 
 thread_counts = st.integers(1, 3)
@@ -145,9 +146,20 @@ def test_the_threads_really_split_the_rows(monkeypatch):
     """With 2 threads the pool gets a share of its own (a kernel that ran everything on
     the calling thread would pass the equality tests above)."""
     monkeypatch.setattr(cpu_kernels, "cpu_threads", lambda: 2)
+    monkeypatch.setattr(cpu_kernels, "MIN_FLOPS", 1)
     submitted = []
     real_submit = threads.submit
     monkeypatch.setattr(cpu_kernels, "submit", lambda tasks: submitted.append(len(tasks)) or real_submit(tasks))
     x = np.ones((4, 3, 5))
     cpu_kernels.linear_forward(x, np.ones((2, 5)))
     assert submitted == [1]
+
+
+def test_small_work_stays_on_the_calling_thread(monkeypatch):
+    """Under MIN_FLOPS a share, no task is handed to the pool (it would cost more than it saves)."""
+    monkeypatch.setattr(cpu_kernels, "cpu_threads", lambda: 2)
+    submitted = []
+    real_submit = threads.submit
+    monkeypatch.setattr(cpu_kernels, "submit", lambda tasks: submitted.append(len(tasks)) or real_submit(tasks))
+    cpu_kernels.linear_forward(np.ones((4, 3, 5)), np.ones((2, 5)))
+    assert submitted == [0]

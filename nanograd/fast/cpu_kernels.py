@@ -56,9 +56,16 @@ def parallel(tasks):
     return results
 
 
-def row_shares(n):
-    """(start, stop) of each thread's rows: one share per CPU thread."""
-    return split_range(n, cpu_threads())
+# Below these a second thread costs more than it saves (handing a task over is ~20 us,
+# more on a busy machine): the kernel runs on the calling thread alone.
+MIN_FLOPS = 1 << 22     # matrix FLOPs per share (a (768, 128) x (128, 512) product is 50M)
+MIN_ELEMENTS = 1 << 20  # elements per share of elementwise work (ReLU, LayerNorm)
+
+
+def row_shares(n, work, min_work):
+    """(start, stop) of each thread's rows: one share per CPU thread, fewer when `work` (FLOPs or
+    elements in all) would give a share less than min_work."""
+    return split_range(n, max(1, min(cpu_threads(), int(work // min_work))))
 
 
 # ---- linear ---------------------------------------------------------------
@@ -70,7 +77,7 @@ def linear_forward(x, W, b=None):
     OUT, IN = W.shape
     x_rows = x.reshape(-1, IN)  # (N, IN)
     out = np.empty((x_rows.shape[0], OUT), np.result_type(x, W))  # (N, OUT)
-    parallel([(_linear_rows, x_rows[s:e], W, b, out[s:e]) for s, e in row_shares(len(out))])
+    parallel([(_linear_rows, x_rows[s:e], W, b, out[s:e]) for s, e in row_shares(len(out), 2 * out.size * IN, MIN_FLOPS)])
     return out.reshape(x.shape[:-1] + (OUT,)), LinearCache(x, W, b is not None)  # (..., OUT)
 
 
@@ -92,7 +99,9 @@ def linear_backward(dout, cache):
     dW = np.empty((OUT, IN), dtype)  # (OUT, IN)
     db = np.empty(OUT, dtype) if has_bias else None  # (OUT,)
     parallel([(_linear_backward_share, dout_rows, x_rows, W, dx, dW, db, rows, cols)  # a share of each, or of one
-              for rows, cols in itertools.zip_longest(row_shares(len(dx)), row_shares(OUT), fillvalue=(0, 0))])
+              for rows, cols in itertools.zip_longest(row_shares(len(dx), 2 * dx.size * OUT, MIN_FLOPS),
+                                                         row_shares(OUT, 2 * dW.size * len(dx), MIN_FLOPS),
+                                                         fillvalue=(0, 0))])
     return dx.reshape(dout.shape[:-1] + (IN,)), dW, db  # (..., IN), (OUT, IN), (OUT,)
 
 
@@ -114,7 +123,7 @@ def relu_forward(x):
         return plain_relu.relu_forward(x)
     out = np.empty_like(x)  # (...)
     x_rows, out_rows = x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1])  # (N, D)
-    parallel([(_relu_rows, x_rows[s:e], out_rows[s:e]) for s, e in row_shares(len(x_rows))])
+    parallel([(_relu_rows, x_rows[s:e], out_rows[s:e]) for s, e in row_shares(len(x_rows), x.size, MIN_ELEMENTS)])
     return out, ReluCache(out)
 
 
@@ -130,7 +139,7 @@ def relu_backward(dout, cache):
     D = dout.shape[-1]
     dout_rows, out_rows, dx_rows = dout.reshape(-1, D), cache.out.reshape(-1, D), dx.reshape(-1, D)  # (N, D)
     parallel([(_relu_backward_rows, dout_rows[s:e], out_rows[s:e], dx_rows[s:e])
-              for s, e in row_shares(len(dx_rows))])
+              for s, e in row_shares(len(dx_rows), dx.size, MIN_ELEMENTS)])
     return dx
 
 
@@ -153,7 +162,7 @@ def layernorm_forward(x, w, b, eps=EPS):
     mean = np.empty((N, 1), x.dtype)  # (N, 1)
     rstd = np.empty((N, 1), x.dtype)  # (N, 1)
     parallel([(_layernorm_rows, x_rows[s:e], w, b, eps, out[s:e], mean[s:e], rstd[s:e])
-              for s, e in row_shares(N)])
+              for s, e in row_shares(N, x.size, MIN_ELEMENTS)])
     stats = x.shape[:-1] + (1,)
     return out.reshape(x.shape), LayerNormCache(x, w, mean.reshape(stats), rstd.reshape(stats))
 
@@ -181,7 +190,7 @@ def layernorm_backward(dout, cache):
     C = x.shape[-1]
     x_rows, dout_rows = x.reshape(-1, C), dout.reshape(-1, C)  # (N, C)
     mean_rows, rstd_rows = mean.reshape(-1, 1), rstd.reshape(-1, 1)  # (N, 1)
-    shares = row_shares(len(x_rows))
+    shares = row_shares(len(x_rows), x.size, MIN_ELEMENTS)
     dx = np.empty_like(dout_rows)  # (N, C)
     partial = np.empty((len(shares), 2, C), dx.dtype)  # (threads, [dw, db], C)
     parallel([(_layernorm_backward_rows, x_rows[s:e], dout_rows[s:e], w, mean_rows[s:e], rstd_rows[s:e],
@@ -213,6 +222,11 @@ def stacked_qkv(Wq, Wk, Wv):
     return np.concatenate([Wq.reshape(NH * hs, C), Wk.reshape(NH * hs, C), Wv.reshape(NH * hs, C)])
 
 
+def attention_flops(B, T, C, D):
+    """Matrix FLOPs of attention_forward: q, k, v (D = NH*hs columns each), q @ k.T and att @ v."""
+    return 2 * B * T * C * 3 * D + 2 * 2 * B * T * T * D
+
+
 def attention_forward(x, Wq, Wk, Wv, dropout_p=0.0, rng=None, train=True):
     """nanograd.attention_forward with the batch cut over the threads.  Cache: AttentionCache,
     whose q, k, v are views into one (B, T, 3, NH, hs) array."""
@@ -228,7 +242,7 @@ def attention_forward(x, Wq, Wk, Wv, dropout_p=0.0, rng=None, train=True):
         keep = (rng.random(att.shape, dtype=att.dtype) >= dropout_p) * att.dtype.type(1.0 / (1.0 - dropout_p))
     W = stacked_qkv(Wq, Wk, Wv)  # (3*NH*hs, C)
     parallel([(_attention_batches, x[s:e], W, qkv[s:e], att[s:e], None if keep is None else keep[s:e], out[s:e])
-              for s, e in row_shares(B)])
+              for s, e in row_shares(B, attention_flops(B, T, C, NH * hs), MIN_FLOPS)])
     q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # (B, NH, T, hs) each
     return out, AttentionCache(x, Wq, Wk, Wv, q, k, v, att, DropoutCache(keep))
 
@@ -259,7 +273,7 @@ def attention_backward(dout, cache):
     B, T, C = x.shape
     NH, hs, _ = Wq.shape
     W = stacked_qkv(Wq, Wk, Wv)  # (3*NH*hs, C)
-    shares = row_shares(B)
+    shares = row_shares(B, 2 * attention_flops(B, T, C, NH * hs), MIN_FLOPS)
     dx = np.empty((B, T, C), np.result_type(dout, W))  # (B, T, C)
     dW = np.empty((len(shares), 3 * NH * hs, C), dx.dtype)  # (threads, 3*NH*hs, C) partial sums
     keep = dropout_cache.keep
