@@ -71,6 +71,8 @@ def parse_args(argv):
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--eval-interval", type=int, default=250)
     p.add_argument("--eval-iters", type=int, default=20)
+    p.add_argument("--eval-batch-size", type=int, default=12,
+                   help="nanoGPT's evaluation batch (kept when --batch-size changes, so the evaluation stays its)")
     p.add_argument("--target", type=float, default=NANOGPT_VAL_LOSS)
     p.add_argument("--stop-at-target", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -96,7 +98,8 @@ def main(argv=None):
 
     def evaluate():
         model.eval()
-        losses = {name: float(np.mean([model(*get_batch(data, B, T, rng))[1] for _ in range(args.eval_iters)]))
+        losses = {name: float(np.mean([model(*get_batch(data, args.eval_batch_size, T, rng))[1]
+                                       for _ in range(args.eval_iters)]))
                   for name, data in splits.items()}
         model.train()
         return losses

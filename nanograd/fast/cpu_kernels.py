@@ -48,6 +48,8 @@ def parallel(tasks):
     takes back every task no pool thread has started yet (the pool may be busy, as with
     FastAdamW.start's update of the output layer, or its threads descheduled on a shared
     machine) and waits only for those already running."""
+    if not tasks:  # no rows
+        return []
     futures = submit(tasks[1:])
     function, *args = tasks[0]
     results = [function(*args)]
@@ -77,7 +79,8 @@ def linear_forward(x, W, b=None):
     OUT, IN = W.shape
     x_rows = x.reshape(-1, IN)  # (N, IN)
     out = np.empty((x_rows.shape[0], OUT), np.result_type(x, W))  # (N, OUT)
-    parallel([(_linear_rows, x_rows[s:e], W, b, out[s:e]) for s, e in row_shares(len(out), 2 * out.size * IN, MIN_FLOPS)])
+    shares = row_shares(len(out), 2 * out.size * IN, MIN_FLOPS)
+    parallel([(_linear_rows, x_rows[s:e], W, b, out[s:e]) for s, e in shares])
     return out.reshape(x.shape[:-1] + (OUT,)), LinearCache(x, W, b is not None)  # (..., OUT)
 
 
