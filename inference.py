@@ -16,7 +16,7 @@ from nanograd.backend import BackendError, get_backend
 from transformer.errors import OneLineParser, UserError, run_command
 from transformer.outputs import DEFAULT_OUT, Interrupts, check_default_folder
 from transformer.state import build_model, load_state
-from transformer.tokenizer import encode_prompt, get_tokenizer
+from transformer.tokenizer import decode, encode_prompt, get_tokenizer
 from transformer.validate import check_generation_memory, check_seed
 
 
@@ -64,7 +64,7 @@ def main(argv=None):
         vocab = tensors.get("vocab")
         tokenizer = get_tokenizer()
         ids = encode_prompt(args.prompt, tokenizer, vocab, meta["h_params"]["max_token_value"])
-        check_generation_memory(meta["h_params"], model.dtype, len(ids), args.max_new_tokens)
+        check_generation_memory(meta["h_params"], model.dtype, len(ids), args.max_new_tokens, args.backend)
     except (UserError, BackendError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -83,7 +83,7 @@ def main(argv=None):
     if vocab is not None:
         out = vocab[out]  # back to cl100k_base ids
     print("---------------")
-    print(tokenizer.decode(out.tolist()))
+    print(decode(tokenizer, out))
     print("---------------")
     print(f"Generated {generated} tokens in {seconds:.2f} s ({generated / max(seconds, 1e-9):,.1f} tokens/s)"
           + (f"; interrupted{interrupted.by()} before the {args.max_new_tokens} asked for" if interrupted else ""))

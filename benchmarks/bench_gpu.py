@@ -88,7 +88,8 @@ def bench_config(cp, torch, name, cfg, vocab, steps, warmup, sync):
     """{impl: list of step times in ms}, and whether both of our models compute torch's loss (with the lines saying so)."""
     from nanograd import AdamW
     from nanograd.backend import to_host
-    from nanograd.fast import FastAdamW, FastModel
+    from nanograd.fast import FastAdamW
+    from transformer.fast_model import FastModel
     from transformer import Model, book_torch
 
     h = {**{k: v for k, v in cfg.items() if k != "batch_size"}, "max_token_value": vocab}

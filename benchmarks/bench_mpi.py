@@ -27,7 +27,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from nanograd.backend import make_rng  # noqa: E402
-from nanograd.fast import FastAdamW, FastModel  # noqa: E402
+from nanograd.fast import FastAdamW  # noqa: E402
+from transformer.fast_model import FastModel
 from nanograd.fast.mpi import GradientSync, from_environment  # noqa: E402
 from nanograd.fast.threads import cpu_threads  # noqa: E402
 from transformer.data import default_corpus, get_batch, split, tokenize  # noqa: E402

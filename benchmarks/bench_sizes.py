@@ -54,7 +54,8 @@ def child(impl, cfg, vocab, steps, warmup):
     """In a child process: time warmup + steps training steps of one side; print their ms as JSON."""
     data = batches(cfg, vocab, warmup + steps)
     if impl == "numpy":
-        from nanograd.fast import FastAdamW, FastModel
+        from nanograd.fast import FastAdamW
+        from transformer.fast_model import FastModel
         model = FastModel({**cfg, "max_token_value": vocab}, dtype="float32", seed=0)
         opt = FastAdamW(model.params, lr=1e-3)
         model.head_ready = opt.start  # as train.py

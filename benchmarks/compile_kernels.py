@@ -8,9 +8,9 @@ for float and for double, the AdamW kernel, the counter generator's) goes
 through NVRTC, front end and ptxas, for each architecture in ARCHS, and every
 kernel name the Python side launches must come out of it.  NVRTC is CuPy's own
 binding (cupy_backends.cuda.libs.nvrtc) on the NVRTC library of the
-nvidia-cuda-nvrtc-cu12 wheel; CuPy's compile_using_nvrtc asks the CUDA runtime
-for the current device even when given an architecture, so it cannot be used
-without one.
+nvidia-cuda-nvrtc-cu12 wheel (CUDA 12) or the nvidia-cuda-nvrtc 13 wheel (CUDA 13;
+.ci/run compiles with both); CuPy's compile_using_nvrtc asks the CUDA runtime for
+the current device even when given an architecture, so it cannot be used without one.
 
 With --launch, each kernel runs once on tiny inputs in float and double, and
 its result is compared with the plain NumPy kernel's.  Exit status: 0 when all
@@ -33,7 +33,7 @@ LAUNCH_TOL = {"float32": 1e-5, "float64": 1e-12}
 
 def compile_units():
     """(label, CUDA source, NVRTC options, names the Python side launches) for every source."""
-    from nanograd import counter_rng
+    from nanograd.fast import counter_rng
     from nanograd.fast import cuda_kernels
     return cuda_kernels.compile_units() + [
         ("counter_rng", counter_rng.SOURCE, (), counter_rng.KERNELS)]
@@ -65,7 +65,7 @@ def compile_all():
         version = nvrtc.getVersion()
     except Exception as e:  # no CuPy, or no NVRTC library beside it
         print(f"error: NVRTC cannot be loaded ({type(e).__name__}: {e}); "
-              "pip install cupy-cuda12x nvidia-cuda-nvrtc-cu12", file=sys.stderr)
+              "pip install cupy-cuda12x nvidia-cuda-nvrtc-cu12 (or cupy-cuda13x nvidia-cuda-nvrtc)", file=sys.stderr)
         return None
     t0 = time.perf_counter()
     units, failures = compile_units(), 0
@@ -96,7 +96,7 @@ def agree(name, got, want, dtype, failures):
 
 def launch_all(cp):
     """Run each CUDA kernel once per dtype on tiny inputs against NumPy; returns the failures."""
-    from nanograd import counter_rng
+    from nanograd.fast import counter_rng
     from nanograd.fast import cuda_kernels as ck
     from nanograd.adamw import adamw_update
     from nanograd.attention import causal_softmax_backward, causal_softmax_forward

@@ -83,7 +83,8 @@ def main(argv=None):
     args = parse_args(argv)
     t_start = time.perf_counter()
     from nanograd.clip import clip_grad_norm
-    from nanograd.fast import FastAdamW, FastModel
+    from nanograd.fast import FastAdamW
+    from transformer.fast_model import FastModel
     from transformer.data import get_batch
 
     with open(args.data, encoding="utf-8") as f:

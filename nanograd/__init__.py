@@ -3,7 +3,11 @@
 Every kernel is two pure functions side by side: ``<op>_forward(inputs...)``
 returns ``(out, cache)`` and ``<op>_backward(dout, cache)`` returns the
 gradients of the differentiable inputs, in the order forward takes them
-(integer ids and settings such as p or rng get none).
+(integer ids and settings such as p or rng get none).  One pair inside
+attention.py differs: causal_softmax_forward(preatt) returns att alone,
+which is all its backward needs, so causal_softmax_backward(datt, att)
+takes it as the cache (the CUDA twin swaps this pair, the walk around it
+stays).
 
 These are the reference kernels, the ones to read: plain NumPy (or CuPy,
 through get_array_module), no threads, no reused buffers, no GPU dispatch.

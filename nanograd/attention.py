@@ -70,30 +70,33 @@ def causal_softmax_backward(datt, att):
     return att * (datt - (datt * att).sum(axis=-1, keepdims=True))  # (..., T, T)
 
 
-def attention_forward(x, Wq, Wk, Wv, dropout_p=0.0, rng=None, train=True):
+def attention_forward(x, Wq, Wk, Wv, dropout_p=0.0, rng=None, train=True, softmax=causal_softmax_forward):
     """x (B, T, C), Wq/Wk/Wv (NH, hs, C) -> out (B, T, NH*hs).
 
     Cache: x, the weights, q, k, v, the softmax weights att, the dropout mask.
+    softmax: the causal softmax above (nanograd.fast.cuda_kernels passes its
+    one-kernel twin; the walk is the same).
     """
     B, T, C = x.shape
     NH, hs, _ = Wq.shape
     q, k, v = project_heads(x, Wq), project_heads(x, Wk), project_heads(x, Wv)  # (B, NH, T, hs) each
     preatt = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / hs ** 0.5)  # (B, NH, T, T)
-    att = causal_softmax_forward(preatt)  # (B, NH, T, T)
+    att = softmax(preatt)  # (B, NH, T, T)
     att_drop, dropout_cache = dropout_forward(att, dropout_p, rng, train)  # (B, NH, T, T)
     y = att_drop @ v  # (B, NH, T, hs)
     out = merge_heads(y).reshape(B, T, NH * hs)  # (B, T, NH*hs)
     return out, AttentionCache(x, Wq, Wk, Wv, q, k, v, att, dropout_cache)
 
 
-def attention_backward(dout, cache):
+def attention_backward(dout, cache, softmax_backward=causal_softmax_backward):
     """Gradients (dx, dWq, dWk, dWv), walking the forward in reverse (docs/attention.md).
 
     y = att_drop @ v         ->  datt_drop = dy @ v.T,  dv = att_drop.T @ dy
     att_drop = dropout(att)  ->  datt = datt_drop * keep
     att = softmax(preatt)    ->  dpreatt = att * (datt - sum_j(datt * att))
                                  (masked entries have att = 0, so get 0)
-    preatt = q @ k.T * s     ->  dq = dpreatt @ k * s,  dk = dpreatt.T @ q * s
+    preatt = q @ k.T * scale ->  dq = dpreatt @ k * scale,  dk = dpreatt.T @ q * scale
+                                 (scale = 1/sqrt(hs); docs/attention.md calls preatt s)
     q = x @ Wq[h].T per head ->  dWq = dq.T @ x,  and likewise for k and v;
                                  x feeds all three, so dx sums dq @ Wq + dk @ Wk + dv @ Wv.
     """
@@ -106,7 +109,7 @@ def attention_backward(dout, cache):
     datt_drop = dy @ v.transpose(0, 1, 3, 2)  # (B, NH, T, T)
     dv = att_drop.transpose(0, 1, 3, 2) @ dy  # (B, NH, T, hs)
     datt = dropout_backward(datt_drop, dropout_cache)  # (B, NH, T, T)
-    dpreatt = causal_softmax_backward(datt, att)  # (B, NH, T, T)
+    dpreatt = softmax_backward(datt, att)  # (B, NH, T, T)
     dq = (dpreatt @ k) * scale  # (B, NH, T, hs)
     dk = (dpreatt.transpose(0, 1, 3, 2) @ q) * scale  # (B, NH, T, hs)
     # q, k and v are three linear projections of the same x: each gives its weights a
@@ -116,7 +119,7 @@ def attention_backward(dout, cache):
     dWq = (dq_rows.T @ x_rows).reshape(NH, hs, C)  # (NH, hs, C)
     dWk = (dk_rows.T @ x_rows).reshape(NH, hs, C)  # (NH, hs, C)
     dWv = (dv_rows.T @ x_rows).reshape(NH, hs, C)  # (NH, hs, C)
-    dx = (dq_rows @ Wq.reshape(NH * hs, C)
-          + dk_rows @ Wk.reshape(NH * hs, C)
-          + dv_rows @ Wv.reshape(NH * hs, C))  # (B*T, C)
-    return dx.reshape(B, T, C), dWq, dWk, dWv
+    dx_rows = (dq_rows @ Wq.reshape(NH * hs, C)
+               + dk_rows @ Wk.reshape(NH * hs, C)
+               + dv_rows @ Wv.reshape(NH * hs, C))  # (B*T, C)
+    return dx_rows.reshape(B, T, C), dWq, dWk, dWv

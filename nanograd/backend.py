@@ -81,10 +81,10 @@ def make_rng(xp, *seed):
     Several ints, e.g. (seed, stream, step), are mixed by NumPy's
     SeedSequence, so every (run, purpose, step) gets its own stream and a
     resumed run draws exactly what an uninterrupted one would have.  On CuPy
-    it is a CounterRNG (nanograd/counter_rng.py), which, unlike a cuRAND
+    it is a CounterRNG (nanograd/fast/counter_rng.py), which, unlike a cuRAND
     generator, costs nothing to make: train.py makes one every micro-step.
     """
     if xp is np:
         return np.random.default_rng(list(seed))
-    from .counter_rng import CounterRNG
+    from .fast.counter_rng import CounterRNG
     return CounterRNG(xp, int(np.random.SeedSequence(list(seed)).generate_state(1, np.uint64)[0]))

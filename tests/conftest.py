@@ -4,6 +4,9 @@ torch is the oracle and a hard requirement of the tests: it is imported
 directly, so a missing torch fails the run instead of skipping it.
 """
 import os
+import subprocess
+import sys
+import time
 
 # CuPy reads CUPY_TF32 when it is imported; TF32 matmuls keep only 10 mantissa
 # bits and would make float32 results disagree with the oracle.
@@ -104,8 +107,9 @@ def _assert_gradcheck(kernel, forward, backward, inputs, wrt, names, seed=0):
     bad = [r for r in rows if not r.ok]
     if bad:
         shapes = [getattr(a, "shape", None) for a in inputs]
-        table = "\n".join(f"{r.input}: max_abs={r.max_abs:.3e} max_rel={r.max_rel:.3e} "
-                          f"worst_index={r.worst_index} ok={r.ok}" for r in rows)
+        table = "\n".join(f"{r.input}: max_abs={r.max_abs:.3e} max_rel={r.max_rel:.3e} worst_index={r.worst_index} "
+                          f"(analytic {r.analytic:.9e}, numerical {r.numerical:.9e}, err/tol {r.err_over_tol:.3g}) "
+                          f"ok={r.ok}" for r in rows)
         pytest.fail(f"{kernel} backward disagrees with finite differences "
                     f"(input shapes {shapes}):\n{table}")
     return rows
@@ -126,3 +130,82 @@ def _host(a):
 def host():
     """host(a) -> a float64 NumPy copy of a, for torch and for before/after checks."""
     return _host
+
+
+class Measured(subprocess.CompletedProcess):
+    """A finished command with its peak memory (max_rss_mb, from the kernel), wall time (seconds)
+    and the time.monotonic() at which it exited (ended)."""
+
+
+# Starts the command and reports its pid, then its peak memory.  A child of the test process
+# itself would not do: a forked child's peak counts the parent's memory at the fork (Linux keeps
+# the larger of the old and new address space's at exec), so it could never read below
+# pytest's own few hundred MB.  This launcher is small when it forks.  Signals are passed on.
+LAUNCHER = r"""
+import os, signal, sys
+report, argv = sys.argv[1], sys.argv[2:]
+pid = os.spawnv(os.P_NOWAIT, argv[0], argv)
+with open(report, "w") as f:
+    f.write(f"{pid}\n")
+for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, lambda signum, _: os.kill(pid, signum))
+_, status, usage = os.wait4(pid, 0)
+with open(report, "a") as f:
+    f.write(f"{usage.ru_maxrss}\n")
+code = os.waitstatus_to_exitcode(status)
+if code < 0:
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
+"""
+
+
+def _run_measured(args, timeout, cwd=None, env=None, on_start=None):
+    """Run args (args[0] an executable path) to the end, killed after timeout seconds, stdout
+    and stderr as text, with the peak resident memory of that process alone.  on_start(pid,
+    stdout_path) may watch the running command (read /proc/<pid>, send it a signal)."""
+    import tempfile
+    import threading
+    with tempfile.TemporaryDirectory() as folder:
+        paths = {name: os.path.join(folder, name) for name in ("out", "err", "report")}
+        with open(paths["out"], "w") as out, open(paths["err"], "w") as err:
+            start = time.perf_counter()
+            launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, paths["report"], *map(str, args)],
+                                        stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=cwd, env=env)
+            while not (os.path.exists(paths["report"]) and open(paths["report"]).read().endswith("\n")):
+                if launcher.poll() is not None:
+                    raise RuntimeError(f"the launcher failed: {open(paths['err']).read()}")
+                time.sleep(0.01)
+            pid = int(open(paths["report"]).read())
+
+            def kill():
+                for target in (pid, launcher.pid):
+                    try:
+                        os.kill(target, 9)
+                    except ProcessLookupError:
+                        pass
+            timer = threading.Timer(timeout, kill)
+            timer.start()
+            try:
+                if on_start is not None:
+                    on_start(pid, paths["out"])
+            finally:
+                launcher.wait()
+                ended = time.monotonic()
+                timer.cancel()
+            seconds = time.perf_counter() - start
+        with open(paths["out"]) as out, open(paths["err"]) as err, open(paths["report"]) as report:
+            result = Measured(args, launcher.returncode, out.read(), err.read())
+            lines = report.read().split()
+    result.max_rss_mb = int(lines[1]) / 1024 if len(lines) > 1 else float("nan")  # Linux counts kB
+    result.seconds = seconds
+    result.timed_out = seconds >= timeout
+    result.ended = ended  # time.monotonic() when it exited
+    return result
+
+
+@pytest.fixture(scope="session")
+def run_measured():
+    """run_measured(args, timeout, cwd=None, env=None, on_start=None) -> CompletedProcess with
+    .max_rss_mb (the command's own peak memory), .seconds, .timed_out and .ended."""
+    return _run_measured

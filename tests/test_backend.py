@@ -146,10 +146,11 @@ def test_make_rng_mixes_several_ints(xp):
 
 def test_cupy_extras_need_a_release_built_for_numpy_2():
     """The numpy>=1.24 this project allows includes NumPy 2; CuPy supports NumPy 2 from 14.0 on
-    (13.x imports under it but is not supported there), so the extras must not let pip pick 13."""
+    (13.x imports under it but is not supported there), so the extras must not let pip pick 13;
+    [ctk] brings the CUDA libraries as wheels, so a machine needs only the driver."""
     import tomllib
     from pathlib import Path
     extras = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())[
         "project"]["optional-dependencies"]
-    assert extras["cuda12"] == ["cupy-cuda12x>=14"]
-    assert extras["cuda13"] == ["cupy-cuda13x>=14"]
+    assert extras["cuda12"] == ["cupy-cuda12x[ctk]>=14"]
+    assert extras["cuda13"] == ["cupy-cuda13x[ctk]>=14"]

@@ -11,7 +11,7 @@ import types
 import pytest
 
 from benchmarks import compile_kernels
-from nanograd import counter_rng
+from nanograd.fast import counter_rng
 from nanograd.fast import cuda_kernels
 
 

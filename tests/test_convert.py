@@ -1,11 +1,20 @@
-"""python -m transformer.convert: the book's torch checkpoints to ours and back."""
+"""python -m transformer.convert: the book's torch checkpoints to ours and back, ours to ours
+(weights only, or from the first format)."""
+import json
 import os
 import pickle
 import re
+import stat
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
+from safetensors import safe_open
+
+from nanograd import AdamW
 
 from transformer import Model, book_torch
 from transformer.convert import main
@@ -23,8 +32,8 @@ def book_checkpoint(path, dtype=torch.float32):
 
 
 def test_book_to_ours_gives_the_same_logits(tmp_path):
-    model = book_checkpoint(tmp_path / "book.ckpt", torch.float64)
-    assert main([str(tmp_path / "book.ckpt"), str(tmp_path / "ours.ckpt")]) == 0
+    model = book_checkpoint(tmp_path / "book.pt", torch.float64)
+    assert main([str(tmp_path / "book.pt"), str(tmp_path / "ours.ckpt")]) == 0
     ours = build_model(*load_state(tmp_path / "ours.ckpt"))
     assert ours.dtype == np.float64
     idx = np.random.default_rng(0).integers(0, 40, (2, 8))
@@ -38,8 +47,8 @@ def test_book_to_ours_gives_the_same_logits(tmp_path):
 def test_ours_to_book_loads_strictly_into_the_book_model(tmp_path):
     ours = Model(H, seed=3)
     save_state(tmp_path / "ours.ckpt", ours)
-    assert main([str(tmp_path / "ours.ckpt"), str(tmp_path / "book.ckpt")]) == 0
-    ckpt = torch.load(tmp_path / "book.ckpt", weights_only=True)
+    assert main([str(tmp_path / "ours.ckpt"), str(tmp_path / "book.pt")]) == 0
+    ckpt = torch.load(tmp_path / "book.pt", weights_only=True)
     model = book_torch.Model(ckpt["h_params"])
     model.load_state_dict(ckpt["model_state_dict"], strict=True)  # masks included
     model.eval()
@@ -49,11 +58,11 @@ def test_ours_to_book_loads_strictly_into_the_book_model(tmp_path):
 
 
 def test_round_trip_is_exact(tmp_path):
-    book_checkpoint(tmp_path / "a.ckpt")
-    assert main([str(tmp_path / "a.ckpt"), str(tmp_path / "ours.ckpt")]) == 0
-    assert main([str(tmp_path / "ours.ckpt"), str(tmp_path / "b.ckpt")]) == 0
-    a = torch.load(tmp_path / "a.ckpt", weights_only=True)["model_state_dict"]
-    b = torch.load(tmp_path / "b.ckpt", weights_only=True)["model_state_dict"]
+    book_checkpoint(tmp_path / "a.pt")
+    assert main([str(tmp_path / "a.pt"), str(tmp_path / "ours.ckpt")]) == 0
+    assert main([str(tmp_path / "ours.ckpt"), str(tmp_path / "b.pth")]) == 0
+    a = torch.load(tmp_path / "a.pt", weights_only=True)["model_state_dict"]
+    b = torch.load(tmp_path / "b.pth", weights_only=True)["model_state_dict"]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -78,18 +87,18 @@ def test_bad_inputs_are_refused_in_one_line(tmp_path, capsys, content, monkeypat
 
 
 def test_existing_output_is_not_overwritten(tmp_path, capsys):
-    book_checkpoint(tmp_path / "book.ckpt")
+    book_checkpoint(tmp_path / "book.pt")
     (tmp_path / "ours.ckpt").write_bytes(b"precious")
-    assert main([str(tmp_path / "book.ckpt"), str(tmp_path / "ours.ckpt")]) == 2
+    assert main([str(tmp_path / "book.pt"), str(tmp_path / "ours.ckpt")]) == 2
     assert (tmp_path / "ours.ckpt").read_bytes() == b"precious"
     assert "--force" in capsys.readouterr().err
 
 
 def test_compact_vocab_checkpoint_is_refused(tmp_path, capsys):
     save_state(tmp_path / "ours.ckpt", Model(H), vocab=np.arange(40) * 3)
-    assert main([str(tmp_path / "ours.ckpt"), str(tmp_path / "book.ckpt")]) == 2
+    assert main([str(tmp_path / "ours.ckpt"), str(tmp_path / "book.pt")]) == 2
     assert "compact-vocab" in capsys.readouterr().err
-    assert not (tmp_path / "book.ckpt").exists()
+    assert not (tmp_path / "book.pt").exists()
 
 
 def test_pickle_module_is_never_used(tmp_path, monkeypatch):
@@ -131,11 +140,11 @@ CRAFTED_BOOK = [
 @pytest.mark.parametrize("name, edit, message", CRAFTED_BOOK, ids=[c[0] for c in CRAFTED_BOOK])
 def test_crafted_book_checkpoints_are_refused(tmp_path, capsys, monkeypatch, name, edit, message):
     monkeypatch.setenv("NANOGRAD_MEMORY_LIMIT", str(2 * 10**9))
-    crafted_book(tmp_path / "book.ckpt", edit)
-    assert main([str(tmp_path / "book.ckpt"), str(tmp_path / "ours.ckpt")]) == 2
+    crafted_book(tmp_path / "book.pt", edit)
+    assert main([str(tmp_path / "book.pt"), str(tmp_path / "ours.ckpt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and re.search(message, err), err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["book.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["book.pt"]
 
 
 def test_a_zip_that_unpacks_past_the_budget_is_refused_before_torch_reads_it(tmp_path, capsys, monkeypatch):
@@ -172,9 +181,9 @@ def test_output_that_is_a_directory_is_refused(tmp_path, capsys, direction):
 def test_output_in_a_missing_folder_is_created(tmp_path, direction):
     src = tmp_path / "src.ckpt"
     book_checkpoint(src) if direction == "to-ours" else save_state(src, Model(H))
-    dst = tmp_path / "new" / "deeper" / "out.ckpt"
+    dst = tmp_path / "new" / "deeper" / ("out.ckpt" if direction == "to-ours" else "out.pt")
     assert main([str(src), str(dst)]) == 0
-    assert os.listdir(dst.parent) == ["out.ckpt"]  # no temp file left
+    assert os.listdir(dst.parent) == [dst.name]  # no temp file left
 
 
 @pytest.mark.parametrize("direction", ["to-ours", "to-book"])
@@ -194,9 +203,10 @@ def test_a_failed_write_is_one_line_and_leaves_no_temp_file(tmp_path, capsys, mo
         monkeypatch.setattr(torch, "save", half_written)
     else:
         monkeypatch.setattr(os, "replace", refuse)
-    assert main([str(src), str(tmp_path / "out" / "m.ckpt")]) == 2
+    dst = tmp_path / "out" / ("m.ckpt" if direction == "to-ours" else "m.pt")
+    assert main([str(src), str(dst)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and re.search(r"cannot write .*m\.ckpt \(.*\); nothing was written there", err), err
+    assert err.count("\n") == 1 and re.search(r"cannot write .*m\.(ckpt|pt) \(.*\); nothing was written there", err), err
     assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -204,6 +214,144 @@ def test_without_torch_the_message_gives_the_pinned_install(tmp_path, monkeypatc
     """Issue 13.8: the README pins torch; installing torch unpinned fetches whatever is newest."""
     save_state(tmp_path / "ours.ckpt", Model(H))
     monkeypatch.setitem(__import__("sys").modules, "torch", None)  # `import torch` raises ImportError
-    assert main([str(tmp_path / "ours.ckpt"), str(tmp_path / "book.ckpt")]) == 2
+    assert main([str(tmp_path / "ours.ckpt"), str(tmp_path / "book.pt")]) == 2
     assert capsys.readouterr().err == "error: converting needs PyTorch: pip install torch==2.13.0\n"
-    assert not (tmp_path / "book.ckpt").exists()
+    assert not (tmp_path / "book.pt").exists()
+    assert main([str(tmp_path / "ours.ckpt"), str(tmp_path / "w.safetensors"), "--weights-only"]) == 0  # no torch needed
+
+
+# ---- ours -> ours: the weights-only export, and the output's name choosing its format -------
+
+BOOK_SHAPE = dict(d_model=80, num_blocks=6, num_heads=4, context_length=128, dropout=0.1, max_token_value=1000)
+
+
+def trained_checkpoint(path, dtype="float32", h=H):
+    """A checkpoint with AdamW's state after one step, as train.py writes it; returns the model."""
+    model = Model(h, dtype=dtype, seed=5)
+    opt = AdamW(model.params)
+    x = np.random.default_rng(2).integers(0, 40, (2, 8))  # (B, T)
+    model(x, x)
+    opt.step(model.backward())
+    save_state(path, model, opt, step=1, run={"seed": 5})
+    return model
+
+
+# the book's float32 position table vs ours (built in float64, then rounded), and float32 sums in
+# another order: the logits agree to float32 rounding, not bit for bit.  Measured: 8 ulp of the
+# largest logit at the book's d_model 80, 6 blocks (1.8e-6 of 2.6); allowed: 32 ulp of it.
+LOGITS_ULPS = 32
+
+
+@pytest.mark.parametrize("h", [H, BOOK_SHAPE], ids=["tiny", "book-shape"])
+def test_weights_only_export_loads_strictly_into_the_books_model(tmp_path, h):
+    """safetensors.torch.load_file + load_state_dict(strict=True) on the book's exact Model: the
+    masks are in the file, the optimizer state is not; the logits are ours."""
+    ours = trained_checkpoint(tmp_path / "run.ckpt", h=h)
+    assert main([str(tmp_path / "run.ckpt"), str(tmp_path / "w.safetensors"), "--weights-only"]) == 0
+    with safe_open(tmp_path / "w.safetensors", framework="pt") as f:
+        h_params = json.loads(f.metadata()["h_params"])
+    model = book_torch.Model(h_params)
+    model.load_state_dict(safetensors.torch.load_file(tmp_path / "w.safetensors"), strict=True)
+    idx = np.random.default_rng(1).integers(0, 40, (2, h["context_length"]))  # (B, T)
+    expected = model.eval()(torch.from_numpy(idx))[0].detach().numpy()
+    got = ours.eval()(idx)[0]
+    assert got.dtype == expected.dtype == np.float32
+    assert np.abs(got - expected).max() <= LOGITS_ULPS * np.finfo(np.float32).eps * np.abs(expected).max()
+    tensors, meta = load_state(tmp_path / "w.safetensors")  # and it is still a checkpoint of ours
+    assert meta["adamw"] is None and not any(name.startswith("adamw.") for name in tensors)
+    moments = 2 * sum(p.nbytes for p in ours.params.values())  # what the export leaves out, with their
+    saved = (tmp_path / "run.ckpt").stat().st_size - (tmp_path / "w.safetensors").stat().st_size
+    assert moments <= saved < moments + 2 * len(ours.params) * 256  # header entries (names, offsets)
+
+
+def test_a_full_checkpoint_loads_strictly_without_its_adamw_tensors(tmp_path):
+    """The training checkpoint itself: the book's state_dict() plus adamw.*, nothing else."""
+    trained_checkpoint(tmp_path / "run.ckpt", dtype="float64")
+    stored = safetensors.torch.load_file(tmp_path / "run.ckpt")
+    weights = {k: v for k, v in stored.items() if not k.startswith("adamw.")}
+    book_torch.Model(H).double().load_state_dict(weights, strict=True)
+
+
+@pytest.mark.parametrize("dst", ["copy.ckpt", "copy.safetensors", "copy"])
+def test_ours_to_ours_keeps_everything_and_never_writes_pytorch(tmp_path, dst):
+    """`convert model.ckpt x.ckpt` used to write a PyTorch file under our extension."""
+    trained_checkpoint(tmp_path / "run.ckpt")
+    assert main([str(tmp_path / "run.ckpt"), str(tmp_path / dst)]) == 0
+    assert not zipfile.is_zipfile(tmp_path / dst)
+    (a, a_meta), (b, b_meta) = load_state(tmp_path / "run.ckpt"), load_state(tmp_path / dst)
+    assert a_meta == b_meta and a.keys() == b.keys()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_help_says_which_way_it_converts(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "a .pt or .pth\nfile gets the book's torch.save" in text and "--weights-only" in text
+
+
+def test_pytorch_to_pytorch_is_refused(tmp_path, capsys):
+    book_checkpoint(tmp_path / "book.pt")
+    assert main([str(tmp_path / "book.pt"), str(tmp_path / "again.pt")]) == 2
+    assert "would be a PyTorch file too" in capsys.readouterr().err
+    assert not (tmp_path / "again.pt").exists()
+
+
+def test_the_examples_of_docs_checkpoint_md_run(tmp_path, monkeypatch):
+    """The page's ```py examples (loading from NumPy, into the book's PyTorch Model, the checksum by
+    hand), run as written on a training checkpoint at model/model.ckpt and its weights-only export."""
+    monkeypatch.chdir(tmp_path)
+    trained_checkpoint(tmp_path / "model" / "model.ckpt")
+    assert main(["model/model.ckpt", "model.safetensors", "--weights-only"]) == 0
+    page = (Path(__file__).resolve().parent.parent / "docs" / "checkpoint.md").read_text()
+    examples = re.findall(r"```py\n(.*?)```", page, re.S)
+    assert len(examples) == 3
+    scope = {"Model": book_torch.Model}
+    for example in examples:
+        exec(example, scope)
+    assert scope["meta"]["adamw"]["t"] == 1 and "adamw.exp_avg.model_out_linear_layer.bias" in scope["tensors"]
+    assert scope["h_params"] == H and len(scope["digest"]) == 64
+
+
+def special_file(path):
+    """A character device like /dev/null (root may make one), else a FIFO: either must survive."""
+    try:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        os.mkfifo(path)
+    return os.stat(path)
+
+
+@pytest.mark.parametrize("direction", ["to-ours", "to-book"])
+def test_output_that_is_a_device_is_refused_even_with_force(tmp_path, capsys, direction):
+    """Issue 23.4: `convert m.ckpt /dev/null --force`, as root, replaced /dev/null with a file."""
+    src = tmp_path / "src.ckpt"
+    book_checkpoint(src) if direction == "to-ours" else save_state(src, Model(H))
+    before = special_file(tmp_path / "null")
+    assert main([str(src), str(tmp_path / "null"), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: the output \S+null is not a regular file \(a device, FIFO or socket\); "
+                        r"writing would replace it, so choose another path\n", err), err
+    after = os.stat(tmp_path / "null")
+    assert (after.st_mode, after.st_rdev, after.st_ino) == (before.st_mode, before.st_rdev, before.st_ino)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["null", "src.ckpt"]
+
+
+@pytest.mark.parametrize("direction", ["to-ours", "to-book"])
+@pytest.mark.parametrize("how", ["same-path", "hard-link", "symlink"])
+def test_output_that_is_its_own_input_is_refused_even_with_force(tmp_path, capsys, direction, how):
+    """Issue 23.5: `convert s.ckpt s.ckpt --force` replaced its input (AdamW state, step, settings lost)."""
+    src = tmp_path / "s.ckpt"
+    book_checkpoint(src) if direction == "to-ours" else save_state(src, Model(H))
+    dst = {"same-path": src, "hard-link": tmp_path / "link.ckpt", "symlink": tmp_path / "sym.ckpt"}[how]
+    if how == "hard-link":
+        os.link(src, dst)
+    elif how == "symlink":
+        os.symlink(src, dst)
+    before = src.read_bytes(), os.stat(src).st_mtime_ns
+    assert main([str(src), str(dst), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"error: {re.escape(str(dst))} is the input {re.escape(str(src))}; writing would replace "
+                        r"it, so choose another path\n", err), err
+    assert (src.read_bytes(), os.stat(src).st_mtime_ns) == before
+    assert os.path.samefile(dst, src) and not list(tmp_path.glob("*.tmp.*"))

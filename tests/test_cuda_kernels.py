@@ -282,7 +282,7 @@ def test_adamw_tables_update_every_parameter_in_one_launch(ck, cp, dtype, monkey
 
 def test_plain_kernels_never_call_the_cuda_kernels_and_fast_model_does(ck, cp, monkeypatch):
     """On CuPy arrays the plain kernels and Model stay plain; FastModel and FastAdamW run the CUDA twins."""
-    from nanograd.fast import FastModel
+    from transformer.fast_model import FastModel
     from transformer import Model
     rng = np.random.default_rng(4)
     x = cp.asarray(rng.standard_normal((2, 5, 8)).astype("float32"))
@@ -320,7 +320,7 @@ def test_model_fused_matches_plain(cp, dtype):
     h = dict(d_model=32, num_blocks=2, num_heads=4, context_length=16, dropout=0.0, max_token_value=300)
     rng = np.random.default_rng(6)
     x, y = rng.integers(0, 300, size=(3, 16)), rng.integers(0, 300, size=(3, 16))
-    from nanograd.fast import FastModel
+    from transformer.fast_model import FastModel
     results = {}
     for on, model_class in ((False, Model), (True, FastModel)):
         model = model_class(h, backend="cupy", dtype=dtype, seed=7)
@@ -364,16 +364,6 @@ def test_adamw_block_table(sizes, chunk, tensor, first):
     assert got_tensor.dtype == np.int32 and got_first.dtype == np.int64
     np.testing.assert_array_equal(got_tensor, tensor)
     np.testing.assert_array_equal(got_first, first)
-
-
-def test_fast_model_on_numpy_runs_the_plain_kernels():
-    from nanograd import attention, layernorm
-    from nanograd.fast.model import kernel_table
-    table = kernel_table(np)
-    assert table.layernorm_forward is layernorm.layernorm_forward
-    assert table.layernorm_backward is layernorm.layernorm_backward
-    assert table.attention_forward is attention.attention_forward
-    assert table.attention_backward is attention.attention_backward
 
 
 def run_python(code):

@@ -1,9 +1,12 @@
-"""The formulas of docs/*.md that are code, checked against what they were derived from.
+"""The formulas of docs/*.md that are code, checked against what they were derived from; and what
+every docs page quotes or names (code lines, files, modules, links, tests, functions) checked to exist.
 
 Each test builds the long way round with NumPy (an explicit Jacobian, a one-hot
 matrix, the textbook lines, finite differences along one path) and holds the
 project's kernel to it, in float64.
 """
+import ast
+import importlib
 import pathlib
 import re
 
@@ -65,6 +68,180 @@ def test_code_quoted_in_the_docs_is_in_the_code():
     assert len(quoted) >= 20  # the pages of docs/README.md quote their kernels
     missing = [f"{page}: {line}" for page, line in quoted if line not in code]
     assert not missing, "docs quote code that is not there:\n" + "\n".join(missing)
+
+
+
+# --- every page: the files, modules, functions and tests it names exist ---------------------
+
+PAGES = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md", ROOT / "benchmarks" / "README.md"]
+# What counts as a reference (anything else on a page is prose and is not checked):
+# a path under one of the repository's folders, anywhere on the page: nanograd/fast/kernels.py, tests/,
+FOLDER_PATH = re.compile(r"(?<![\w/.-])((?:nanograd|transformer|tests|benchmarks|docs)/[\w./-]*)")
+# a bare Python file name, anywhere: train.py, bench_cpu.py (the repository has a file of that name),
+BARE_FILE = re.compile(r"(?<![\w/.-])([\w-]+\.py)\b")
+# a dotted module path, anywhere: nanograd.fast.kernels, python -m transformer.plot, nanograd.block.PLAIN_KERNELS,
+MODULE = re.compile(r"(?<![\w/.-])((?:nanograd|transformer)(?:\.[A-Za-z_]\w*)+)")
+# a relative markdown link, and its #anchor if it has one: [model](model.md#backward),
+LINK = re.compile(r"\]\((?!\w+://)([^)#\s]*)(?:#([^)\s]*))?\)")
+# and, inside `inline code` only: a test name (test_resume_is_bit_identical, also tests/test_x.py::test_y),
+TEST = re.compile(r"(?:(tests/test_\w+\.py)::)?(?<![\w/])(test_\w+)(?![\w.])")
+# Class.member (Model.backward, FastAdamW.start) when Class is a class of the repository,
+CLASS_MEMBER = re.compile(r"([A-Z]\w*)\.(\w+)(?:\(.*\))?")
+# and a snake_case name alone or called: adamw_update, causal_softmax_backward(datt, att).  A bare
+# name counts only when each of its words has two letters or more, so c_n, S_n and dout_n (math) do not.
+NAME = re.compile(r"([a-z]\w*_\w*)(\(.*\))?")
+
+
+def python_files():
+    return [p for p in ROOT.rglob("*.py") if not any(part.startswith(".") for part in p.relative_to(ROOT).parts)]
+
+
+def code_names():
+    """Every name the code outside tests/ defines or uses (functions, classes, variables, attributes,
+    arguments, identifier-like strings), the test functions and their files, and each class of the two
+    packages with its module and self.attributes (scripts are not imported: they would run)."""
+    names, tests, classes = set(), {}, {}
+    for path in python_files():
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        in_tests = path.parent.name == "tests"  # their names are tests, not what the pages explain
+        for node in ast.walk(ast.parse(path.read_text())):
+            if in_tests:
+                if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                    tests.setdefault(node.name, set()).add(path.relative_to(ROOT).as_posix())
+                continue
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names.add(node.name)
+                if isinstance(node, ast.ClassDef) and path.relative_to(ROOT).parts[0] in ("nanograd", "transformer"):
+                    attributes = {a.attr for a in ast.walk(node) if isinstance(a, ast.Attribute)
+                                  and isinstance(a.ctx, ast.Store) and isinstance(a.value, ast.Name)
+                                  and a.value.id == "self"}
+                    classes.setdefault(node.name, []).append((module, attributes))
+            elif isinstance(node, ast.Name):
+                names.add(node.id)
+            elif isinstance(node, ast.Attribute):
+                names.add(node.attr)
+            elif isinstance(node, ast.arg):
+                names.add(node.arg)
+            elif isinstance(node, ast.alias):
+                names.add((node.asname or node.name).split(".")[-1])
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier():
+                names.add(node.value)
+    return names, tests, classes
+
+
+def top_level_names(path):
+    """What a module defines or imports at its top level."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            names |= {t.id for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                      if isinstance(t, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+def module_path_exists(dotted, classes):
+    """nanograd.a.b.c: the longest prefix that is a module file of the repository (looked up as a file,
+    not imported: an installed copy elsewhere must not answer for it), then a name it defines, then
+    a member of that name when it is a class."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        base = ROOT.joinpath(*parts[:i])
+        module = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+        if not module.is_file():
+            continue
+        rest = parts[i:]
+        if not rest:
+            return True
+        if rest[0] not in top_level_names(module):
+            return False
+        return len(rest) == 1 or (len(rest) == 2 and rest[0] in classes and class_has(classes, *rest))
+    return False
+
+
+def class_has(classes, cls, member):
+    """member is an attribute of a class of that name (its own or inherited: transformer.book_torch's
+    Model has torch's state_dict), or assigned as self.member in it or a base."""
+    for module, _ in classes[cls]:
+        try:
+            klass = getattr(importlib.import_module(module), cls)
+        except ImportError:  # book_torch without torch: nothing to check it against
+            return True
+        if hasattr(klass, member) or any(member in attributes for base in klass.__mro__
+                                         for _, attributes in classes.get(base.__name__, [])):
+            return True
+    return False
+
+
+def anchors(page):
+    """The #anchors GitHub gives a page's headings: lowercase, punctuation dropped, spaces to hyphens."""
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+ (.*)$", page.read_text(), re.M)}
+
+
+def missing_references(pages):
+    """(page, kind, text) for every reference on the pages whose target does not exist."""
+    names, tests, classes = code_names()
+    basenames = {p.name for p in python_files()}
+    missing = []
+    for page in pages:
+        text = page.read_text()
+        where = page.relative_to(ROOT).as_posix() if page.is_relative_to(ROOT) else page.name
+        missing += [(where, "path", p) for p in FOLDER_PATH.findall(text) if not (ROOT / p.rstrip(".")).exists()]
+        missing += [(where, "file", f) for f in BARE_FILE.findall(text) if f not in basenames]
+        missing += [(where, "module", m) for m in MODULE.findall(text) if not module_path_exists(m, classes)]
+        for target, anchor in LINK.findall(text):
+            linked = page.parent / target if target else page
+            if not linked.exists():
+                missing.append((where, "link", target))
+            elif anchor and (not linked.is_file() or anchor not in anchors(linked)):
+                missing.append((where, "link", f"{target}#{anchor}"))
+        for span in re.findall(r"`([^`\n]+)`", text):
+            for file, test in TEST.findall(span):
+                if test not in tests or (file and file not in tests[test]):
+                    missing.append((where, "test", f"{file}::{test}" if file else test))
+            member = CLASS_MEMBER.fullmatch(span)
+            if member and member[1] in classes and not class_has(classes, *member.groups()):
+                missing.append((where, "member", span))
+            name = NAME.fullmatch(span)
+            if (name and not span.startswith("test_") and (name[2] or min(map(len, name[1].split("_"))) >= 2)
+                    and name[1] not in names):
+                missing.append((where, "name", span))
+    return missing
+
+
+def test_what_the_docs_name_exists():
+    """Every file path, module path, link, test, Class.member and function name on a docs page is in
+    the repository: renaming or deleting one fails here until the page follows."""
+    missing = missing_references(PAGES)
+    assert not missing, "docs name what is not there:\n" + "\n".join(f"{p}: {kind} {t}" for p, kind, t in missing)
+
+
+def test_the_reference_check_sees_each_kind_of_reference(tmp_path):
+    """A page naming one missing thing of each kind gets one complaint for each, and prose and
+    things that exist get none."""
+    page = tmp_path / "page.md"
+    page.write_text(
+        "Gone: `nanograd/gone.py`, [x](gone.md), [y](.#top), [z](#nowhere), python -m nanograd.gone_module, nanograd.block.gone_attr,\n"
+        "`Model.gone_method`, `gone_function(x)`, `gone_name`, `test_gone`, `tests/test_block.py::test_gone2`,\n"
+        "`tests/test_block.py::test_what_the_docs_name_exists` and gone_file.py.\n"
+        "Prose: c_n, `S_n`, `dout_n`, `sqrt(v)`, `x.shape`, e.g. this, `Wq.reshape(NH * hs, C)`, nanograd-transformer.\n"
+        "There: nanograd/block.py, tests/, `Model.backward`, `FastModel.head_ready`, `block_forward(x)`,\n"
+        "`attention_backward`, nanograd.block.PLAIN_KERNELS, transformer.model.Model.backward, python -m\n"
+        "transformer.plot, nanograd.gradcheck.check_kernel, `test_what_the_docs_name_exists`, train.py,\n"
+        "[here](#the-pages-own-heading), [there](page.md#the-pages-own-heading).\n"
+        "## The page's own heading\n")
+    assert missing_references([page]) == [
+        ("page.md", "path", "nanograd/gone.py"), ("page.md", "file", "gone_file.py"),
+        ("page.md", "module", "nanograd.gone_module"), ("page.md", "module", "nanograd.block.gone_attr"),
+        ("page.md", "link", "gone.md"), ("page.md", "link", ".#top"), ("page.md", "link", "#nowhere"),
+        ("page.md", "member", "Model.gone_method"),
+        ("page.md", "name", "gone_function(x)"), ("page.md", "name", "gone_name"), ("page.md", "test", "test_gone"),
+        ("page.md", "test", "tests/test_block.py::test_gone2"),
+        ("page.md", "test", "tests/test_block.py::test_what_the_docs_name_exists")]
 
 
 # --- attention.md -------------------------------------------------------------------------

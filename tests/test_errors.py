@@ -19,6 +19,7 @@ ABBREVIATIONS = [
     ("transformer.inspect", ["--out", "x"], "--out-dir"),
     ("transformer.convert", ["a.ckpt", "b.ckpt", "--f"], "--force"),
     ("nanograd.gradcheck", ["--see", "1"], "--seed"),
+    ("transformer.gradcheck", ["--see", "1"], "--seed"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Tests for nanograd/fast/model.py: FastModel computes what Model computes.
+"""Tests for transformer/fast_model.py: FastModel computes what Model computes.
 
 The whole-model torch oracle and the 10-step AdamW trajectory run on both
 models in test_model.py; here FastModel is held to Model directly, and its
@@ -9,8 +9,8 @@ import pytest
 
 from nanograd.backend import make_rng, to_host
 from nanograd.embedding import embedding_backward, embedding_forward
-from nanograd.fast import FastModel, linear_cross_entropy
-from nanograd.fast.model import embedding_backward_into
+from nanograd.fast import linear_cross_entropy
+from transformer.fast_model import FastModel
 from transformer.model import Model
 
 H = dict(d_model=16, num_blocks=2, num_heads=2, context_length=8, dropout=0.1, max_token_value=23)
@@ -95,8 +95,10 @@ def test_embedding_backward_into_equals_embedding_backward(xp, dtype):
     idx = xp.asarray(np.array([[1, 1, 4, 0], [4, 1, 2, 2], [0, 0, 0, 3]]))  # (B, T) repeats on purpose
     _, cache = embedding_forward(idx, xp.asarray(rng.standard_normal((5, 2)).astype(dtype)))
     dout = xp.asarray(rng.standard_normal((3, 4, 2)).astype(dtype))  # (B, T, C)
-    buffer = xp.full((5, 2), 123.0, dtype=dtype)  # (V, C) stale contents
-    dW = embedding_backward_into(buffer, dout, cache)
+    model = FastModel(dict(d_model=2, num_blocks=1, num_heads=1, context_length=4, max_token_value=5),
+                      backend="numpy" if xp is np else "cupy", dtype=dtype)
+    buffer = model.buffers["dembedding"] = xp.full((5, 2), 123.0, dtype=dtype)  # (V, C) stale contents
+    dW = model.embedding_backward_into(dout, cache)
     assert dW is buffer
     if xp is np:
         np.testing.assert_array_equal(to_host(dW), to_host(embedding_backward(dout, cache)))

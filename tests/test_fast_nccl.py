@@ -129,3 +129,75 @@ def test_each_rank_takes_the_gpu_of_its_number_on_its_machine(monkeypatch):
     runtime.device = None
     a_rank(rank=1, local_rank=1).use_device("numpy")  # NumPy ranks touch no GPU
     assert runtime.device is None
+
+
+class OneRankMpi:
+    """MPI's side of a job of one rank: the NCCL id's broadcast reaches nobody; any other MPI call
+    would mean a CuPy array went over MPI instead of NCCL."""
+
+    def Bcast(self, buf, root):
+        assert root == 0 and buf.shape == (ID_BYTES,)
+
+    def __getattr__(self, name):
+        raise AssertionError(f"MPI's {name} was called: a CuPy array must go over NCCL")
+
+
+def one_rank():
+    """The Communicator of a job of one rank, made without MPI: NCCL forms a communicator of one
+    GPU with no mpiexec, so the GPU check proves nccl.py on the one GPU it has."""
+    from nanograd.fast.mpi import Communicator
+    comm = object.__new__(Communicator)
+    comm.MPI, comm.comm = None, OneRankMpi()
+    comm.rank, comm.size, comm.local_rank = 0, 1, 0
+    comm.checked, comm.nccl = False, None
+    return comm
+
+
+def all_reduce_and_broadcast(comm, arrays, to_host):
+    """Each array through Communicator.allreduce_sum and bcast: over one rank both leave it as it was."""
+    for a in arrays:
+        before = np.array(to_host(a))
+        comm.allreduce_sum(a)  # the sum over one rank
+        comm.bcast(a, root=0)
+        assert np.array_equal(to_host(a), before)
+
+
+def test_one_rank_goes_through_nccl_ops_with_stand_ins(monkeypatch):
+    """What the GPU check's one-rank test runs, with NumPy memory and a recording NCCL for CuPy's."""
+    from nanograd.fast import mpi, nccl
+    monkeypatch.setattr(mpi, "load_nccl", lambda: FakeNccl)
+    monkeypatch.setattr(nccl, "_current_stream", lambda: 0)  # CuPy's default stream
+    FakeNccl.made.clear()
+    comm = one_rank()
+    arrays = [DeviceArray(np.arange(10, dtype=np.float32)), DeviceArray(np.arange(4, dtype=np.float64))]
+    all_reduce_and_broadcast(comm, arrays, lambda a: a.a)
+    assert FakeNccl.made == [(1, FakeNccl.get_unique_id(), 0)]  # one communicator of one rank, made once
+    p32, p64 = (a.data.ptr for a in arrays)
+    assert comm.nccl.comm.calls == [("allReduce", p32, p32, 10, FakeNccl.NCCL_FLOAT32, FakeNccl.NCCL_SUM, 0),
+                                    ("bcast", p32, 10, FakeNccl.NCCL_FLOAT32, 0, 0),
+                                    ("allReduce", p64, p64, 4, FakeNccl.NCCL_FLOAT64, FakeNccl.NCCL_SUM, 0),
+                                    ("bcast", p64, 4, FakeNccl.NCCL_FLOAT64, 0, 0)]
+
+
+def test_one_rank_nccl_and_gradient_sync_on_cupy(cp):
+    """NCCL on this GPU, one rank: the communicator forms, all-reduce and broadcast run on CuPy's
+    stream in both dtypes, and GradientSync averages two micro-steps' gradients through it."""
+    from nanograd.fast.mpi import GradientSync
+    from nanograd.fast.nccl import NcclOps
+    comm = one_rank()
+    rng = np.random.default_rng(0)
+    arrays = [cp.asarray(rng.standard_normal(1000).astype(dtype)) for dtype in (np.float32, np.float64)]  # (1000,)
+    all_reduce_and_broadcast(comm, arrays, cp.asnumpy)
+    assert isinstance(comm.nccl, NcclOps)
+    assert (comm.nccl.comm.size(), comm.nccl.comm.rank_id()) == (1, 0)
+    params = {"w": cp.zeros((3, 4), np.float32), "b": cp.zeros(4, np.float32)}
+    sync = GradientSync(comm, params, accum_steps=2)
+    micro = [{name: cp.asarray(rng.standard_normal(p.shape).astype(np.float32)) for name, p in params.items()}
+             for _ in range(2)]
+    for m, grads in enumerate(micro):
+        sync.add(m, grads)
+    mean = sync.reduce()  # one NCCL all-reduce of the flat buffer, then / 2
+    cp.cuda.get_current_stream().synchronize()
+    for name in params:
+        want = (cp.asnumpy(micro[0][name]) + cp.asnumpy(micro[1][name])) / 2
+        np.testing.assert_allclose(cp.asnumpy(mean[name]), want, rtol=1e-6)

@@ -222,3 +222,35 @@ def test_generate_without_rng_is_seeded():
     idx = prompt(1, 2)
     np.testing.assert_array_equal(model.generate(idx, 8), model.generate(idx, 8))
     assert not np.array_equal(model.generate(idx, 8), generate(model, idx, 8, seed=123))
+
+
+# ---- knobs so extreme that scaling by them overflows (issue 23.8) ----------------------------
+
+EXTREME_LOGITS = np.array([[2.0, 5.0, -1.0, 4.0, 5.0 - 1e-9], [-3.0, -2.5, 1e3, -1e3, 0.5]])  # (2, 5)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-310, 5e-324])
+def test_a_temperature_so_small_that_dividing_overflows_is_greedy(temperature):
+    """--temperature 1e-310 used to print overflow warnings and repeat token 0; now it is the
+    limit of ever smaller temperatures, greedy, and warns of nothing."""
+    with np.errstate(over="raise", invalid="raise", divide="raise"):  # numpy's warnings, as errors
+        for seed in range(5):
+            ids = sample(EXTREME_LOGITS, temperature, None, None, 1.0, np.zeros((2, 1), int),
+                         np.random.default_rng(seed))
+            assert ids.tolist() == EXTREME_LOGITS.argmax(axis=-1).tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("penalty, temperature", [(p, t) for p in (1e-300, 1e-320, 5e-324) for t in (0.0, 1.0, 1e-320)]
+                         + [(p, t) for p in (1e300, 1e308) for t in (0.0, 1e-320)])  # row 0 of p > 1 samples at t=1
+def test_a_penalty_so_extreme_that_scaling_overflows_acts_as_its_limit(penalty, temperature):
+    """--repetition-penalty 1e-320 used to warn of overflows and repeat token 0.  A penalty p -> 0
+    sends every seen positive logit l to l / p -> +inf, fastest for the largest l: that one wins
+    (row 0: seen 0, 3 -> 3; row 1: seen 4 -> 4), as 1e-300 already shows without overflowing.
+    p -> inf shrinks the seen ids 1 and 4 to about 0 (row 0: the unseen 3 leads) and sends every
+    seen negative logit to -inf; when all are seen (row 1) the least negative leads: id 4."""
+    logits = np.array([[1.0, 9.0, -2.0, 3.0, 8.0], [-5.0, -4.0, -3.0, -2.0, -1.0]])  # (2, 5)
+    seen = np.array([[0, 3, 2, 2, 2], [4, 4, 4, 4, 4]]) if penalty < 1 else np.array([[1, 4, 1, 1, 1], [0, 1, 2, 3, 4]])
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        for seed in range(5):
+            ids = sample(logits, temperature, None, None, penalty, seen, np.random.default_rng(seed))
+            assert ids.tolist() == [3, 4], (penalty, temperature, ids)

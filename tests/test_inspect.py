@@ -13,6 +13,7 @@ from PIL import Image
 from transformer import Model
 from transformer.inspect import OVERVIEW, OVERVIEW_DPI, attention_maps, main, overview_figure
 from transformer.state import save_state
+from transformer.tokenizer import get_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 H = dict(d_model=16, num_blocks=2, num_heads=2, context_length=8, dropout=0.1, max_token_value=1000)
@@ -132,3 +133,77 @@ def test_read_only_out_dir_is_one_line(tmp_path):
     assert re.fullmatch(r"error: --out-dir .*readonly is not writable \(Permission denied\); "
                         r"choose another --out-dir\n", result.stderr), result.stderr
     assert list(folder.iterdir()) == []
+
+
+# ---- sizes and files from earlier runs (issue 23.3, 23.11) ------------------------------------
+
+WORDS = "the module returns a list of values from the file path and raises an error".split()
+LONG = dict(d_model=16, num_blocks=1, num_heads=2, dropout=0.0,
+            max_token_value=1 + max(get_tokenizer().encode_ordinary(" ".join(WORDS))))  # logits stay small
+ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "NANOGRAD_MEMORY_LIMIT": str(2 * 10**9)}
+
+
+def prompt_of(tokens):
+    """A prompt of exactly `tokens` cl100k tokens (one per word)."""
+    return " ".join(WORDS[i % len(WORDS)] for i in range(tokens))
+
+
+@pytest.mark.parametrize("tokens", [1000, 3000])
+def test_a_long_prompt_draws_in_bounded_memory_and_time(tmp_path, run_measured, tokens):
+    """Issue 23.3: context 1024 and a 1,000-token prompt took 22.6 GB and 245 s (each head's image
+    grew with the square of the prompt); at 3000 a MemoryError.  Now the images stop growing at
+    LABELLED_TOKENS and the run stays far inside the 2 GB budget the memory check allows."""
+    save_state(tmp_path / "m.ckpt", Model({**LONG, "context_length": tokens}))
+    result = run_measured([sys.executable, "-m", "transformer.inspect", "--ckpt", str(tmp_path / "m.ckpt"),
+                           "--prompt", prompt_of(tokens), "--out-dir", str(tmp_path / "att")],
+                          timeout=240, cwd=REPO, env=ENV)
+    assert result.returncode == 0, result.stderr
+    assert f"Wrote 2 attention maps ({tokens} tokens)" in result.stdout
+    assert result.max_rss_mb < 1000, f"peak {result.max_rss_mb:.0f} MB"
+    print(f"{tokens} tokens: peak {result.max_rss_mb:.0f} MB, {result.seconds:.1f} s")
+    for png in (tmp_path / "att").iterdir():
+        with Image.open(png) as image:
+            assert max(image.size) <= 2000, (png.name, image.size)
+
+
+def test_drawing_past_the_memory_budget_is_refused_with_the_estimate(tmp_path, capsys, monkeypatch):
+    """The same prompt, with a budget below what drawing it takes: one line with the estimate,
+    before the folder is made."""
+    monkeypatch.setenv("NANOGRAD_MEMORY_LIMIT", str(50 * 10**6))
+    save_state(tmp_path / "m.ckpt", Model({**LONG, "context_length": 1000}))
+    assert main(["--ckpt", str(tmp_path / "m.ckpt"), "--prompt", prompt_of(1000),
+                 "--out-dir", str(tmp_path / "att")]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: drawing the attention maps of 1000 tokens \(num_blocks 1, num_heads 2, images of up to "
+                        r"[\d.]+ million pixels\) needs about [\d.]+ MB of memory but this machine has 50\.0 MB "
+                        r"available; shorten --prompt or use a machine with more memory\n", err), err
+    assert not (tmp_path / "att").exists()
+
+
+def test_an_overview_png_that_is_not_a_png_is_not_replaced(tmp_path, capsys):
+    """Issue 23.11: inspect replaced a non-PNG overview.png (plot refuses the same case).  Every
+    image is checked before any is drawn, so nothing at all is written."""
+    save_state(tmp_path / "m.ckpt", Model(H))
+    (tmp_path / "att").mkdir()
+    (tmp_path / "att" / OVERVIEW).write_text("my notes\n")
+    assert main(["--ckpt", str(tmp_path / "m.ckpt"), "--prompt", "a b c", "--out-dir", str(tmp_path / "att")]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: .*overview\.png exists and is not a PNG; drawing would replace it, "
+                        r"so choose another path\n", err), err
+    assert [p.name for p in (tmp_path / "att").iterdir()] == [OVERVIEW]
+    assert (tmp_path / "att" / OVERVIEW).read_text() == "my notes\n"
+
+
+def test_another_model_s_maps_left_in_the_folder_are_named(tmp_path, capsys):
+    """Issue 23.11: a previous model with more blocks left block3_head0.png and others beside the
+    new maps without a word.  They stay (not ours to delete), and the summary names them."""
+    save_state(tmp_path / "big.ckpt", Model({**H, "num_blocks": 4}))
+    save_state(tmp_path / "small.ckpt", Model(H))
+    argv = ["--prompt", "a b c", "--out-dir", str(tmp_path / "att")]
+    assert main(["--ckpt", str(tmp_path / "big.ckpt"), *argv]) == 0
+    assert "older" not in capsys.readouterr().out
+    assert main(["--ckpt", str(tmp_path / "small.ckpt"), *argv]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"Note: .*att/ also holds 4 older map\(s\) this model has no block or head for "
+                     r"\(block2_head0\.png, block2_head1\.png, block3_head0\.png, \.\.\.\)", out), out
+    assert len(list((tmp_path / "att").iterdir())) == 9

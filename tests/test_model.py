@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nanograd import AdamW
-from nanograd.fast import FastAdamW, FastModel, linear_cross_entropy
+from nanograd.fast import FastAdamW, linear_cross_entropy
+from transformer.fast_model import FastModel
 from nanograd.backend import make_rng, to_host
 from transformer import book_torch
 from transformer.model import Model, position_table

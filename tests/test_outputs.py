@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import time
 import stat
 import subprocess
 import sys
@@ -159,6 +160,30 @@ def test_resume_needs_more_iterations_than_the_checkpoint_has(data, tmp_path, ca
     assert state(out, tmp_path / "m.metrics.jsonl") == before
 
 
+def test_resuming_a_finished_run_says_to_give_a_larger_max_iters(data, tmp_path, capsys):
+    """The README's `--resume model/model.ckpt` on a run that ended: the refusal names the flag
+    and gives a command that works."""
+    out = finished_run(data, tmp_path / "m.ckpt", capsys)
+    before = state(out, tmp_path / "m.metrics.jsonl")
+    assert main("--data", data, "--resume", out) == 2
+    one_error(capsys, rf"^error: checkpoint {re.escape(str(out))} is at step 20, where its run ended "
+                      rf"\(--max-iters 20\); to train it further give a larger --max-iters, e\.g\. "
+                      rf"python train\.py --resume {re.escape(str(out))} --max-iters 40$")
+    assert state(out, tmp_path / "m.metrics.jsonl") == before
+    assert main("--data", data, "--resume", out, "--max-iters", "40") == 0
+
+
+def test_a_run_that_saved_nothing_leaves_nothing(data, tmp_path, capsys):
+    """Issue 22: a run blowing up before its first save said "nothing was saved" yet left its
+    metrics, which refused the same command run again; now it leaves no file, and the rerun works."""
+    out = tmp_path / "m.ckpt"
+    assert main("--data", data, "--out", out, *S, "--learning-rate", "1e30", "--eval-interval", "1",
+                "--save-interval", "0") == 3  # evaluated every step, saved only at the end
+    one_error(capsys, r"^error: at step \d+ .* is not finite; stopping \(nothing was saved\)\. ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt"]
+    assert main("--data", data, "--out", out, *S) == 0
+
+
 # ---- outputs that would replace an input or a special file -------------------------------
 
 def make_case(tmp_path, data, case):
@@ -256,6 +281,7 @@ def test_two_checkpoints_with_one_stem_share_a_lock(tmp_path):
         with pytest.raises(UserError, match=rf"another training run \(pid {os.getpid()}\) is writing .*m\.pt"):
             RunOutputs(str(tmp_path / "m.pt")).claim()
         first.log({"step": 0, "train_loss": 1.0})
+        first.wrote_checkpoint()  # else release() removes the metrics of a run that saved nothing
     finally:
         first.release()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.metrics.jsonl"]  # the lock file is gone
@@ -268,6 +294,7 @@ def test_a_claim_after_a_finished_run_sees_its_files(tmp_path):
     second = RunOutputs(str(tmp_path / "m.ckpt"))
     second.check()  # both looked before either wrote
     first.claim().log({"step": 0, "train_loss": 1.0})
+    first.wrote_checkpoint()
     first.release()
     with pytest.raises(UserError, match=r"m\.metrics\.jsonl already exists"):
         second.claim()
@@ -277,7 +304,8 @@ def test_a_claim_after_a_finished_run_sees_its_files(tmp_path):
 def test_a_failed_run_leaves_no_new_folder(data, tmp_path, capsys, monkeypatch):
     """The lock makes --out's folders; a run stopped before it saves removes them again."""
     out = tmp_path / "new" / "deeper" / "m.ckpt"
-    monkeypatch.setattr(train, "progress_bar", lambda *a, **k: (_ for _ in ()).throw(UserError("stop here")))
+    from transformer import progress
+    monkeypatch.setattr(progress, "progress_bar", lambda *a, **k: (_ for _ in ()).throw(UserError("stop here")))
     assert main("--data", data, "--out", out, *S) == 2
     one_error(capsys, r"^error: stop here$")
     assert list(tmp_path.iterdir()) == [data]
@@ -441,3 +469,88 @@ def test_lock_file_is_removed_and_stale_one_reused(tmp_path):
     assert Path(path).read_text() == f"{os.getpid()}\n"
     run.release()
     assert not Path(path).exists()
+
+
+# ---- counts of 10^12: streamed, and a signal stops them at once -------------------------
+
+def rss_kb(pid):
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+@pytest.mark.parametrize("flag", ["--eval-iters", "--grad-accum-steps"])
+def test_a_count_of_10_to_the_12_streams_and_sigterm_stops_it_at_once(data, tmp_path, flag):
+    """Issue 23.1 and 23.2: --eval-iters or --grad-accum-steps 10^12 built every batch up front
+    (gigabytes, SIGTERM ignored).  Now batches are drawn one at a time, so memory stays flat while
+    it runs; SIGTERM mid-phase saves the last whole step (0 here: the phase never ends) at once."""
+    out = tmp_path / "m.ckpt"
+    args = [*S, "--max-iters", "3", flag, str(10**12)]
+    proc = subprocess.Popen([sys.executable, "train.py", "--data", str(data), "--out", str(out), *args],
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("Model:"):
+                break
+        time.sleep(2)  # well into the endless evaluation or accumulation
+        early = rss_kb(proc.pid)
+        time.sleep(2)
+        late = rss_kb(proc.pid)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rest, err = proc.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, rest + err
+    assert late - early < 5_000, f"memory grew by {late - early} kB in 2 s"
+    assert took < 3, f"{took:.1f} s from SIGTERM to exit"  # a tiny model: milliseconds per batch
+    assert "Interrupted by SIGTERM after step 0; checkpoint saved to" in rest
+    assert load_state(out)[1]["step"] == 0
+
+
+@pytest.mark.parametrize("how", ["check", "claim"])
+def test_a_fifo_at_the_lock_file_is_refused(data, tmp_path, capsys, how):
+    """Issue 23.10: a FIFO at <out>.run.lock gave `OSError: Illegal seek` (os.pread) as a traceback.
+    Refused by train.py's checks, and by claim() itself (the lock opened without blocking and
+    checked on the open file), should one appear between the two."""
+    fifo = Path(lock_path(str(tmp_path / "m.ckpt")))
+    os.mkfifo(fifo)
+    if how == "check":
+        assert main("--data", data, "--out", tmp_path / "m.ckpt", *S) == 2
+        one_error(capsys, r"the lock file .*m\.run\.lock is not a regular file \(a device, FIFO or socket\)")
+    else:
+        with pytest.raises(UserError, match=r"the lock file .*m\.run\.lock is not a regular file .*move it away"):
+            RunOutputs(str(tmp_path / "m.ckpt")).claim()
+    assert fifo.is_fifo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt", "m.run.lock"]
+
+
+# ---- the one output rule of every command (check_output) --------------------------------
+
+def test_check_output_refuses_inputs_and_special_files_whatever_the_flags(tmp_path):
+    """One rule for train.py, convert, plot and inspect: never a directory, device, FIFO or
+    an input (by path, hard link or symbolic link); a new path or a regular file is fine."""
+    given = tmp_path / "in.txt"
+    given.write_text("x")
+    os.link(given, tmp_path / "hard.txt")
+    os.symlink(given, tmp_path / "soft.txt")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    outputs.check_output(str(tmp_path / "new" / "out.ckpt"), "--out", inputs=[str(given)])
+    outputs.check_output(str(tmp_path / "hard.txt"), "--out", inputs=[])
+    for path, message in [(given, "is the input"), (tmp_path / "hard.txt", "is the input"),
+                          (tmp_path / "soft.txt", "is the input"), (tmp_path / "fifo", "is not a regular file"),
+                          (tmp_path / "dir", "is a directory")]:
+        with pytest.raises(UserError, match=message):
+            outputs.check_output(str(path), "--out", inputs=[str(given)])
+
+
+def test_check_png_output_replaces_only_an_earlier_png(tmp_path):
+    png, notes = tmp_path / "a.png", tmp_path / "b.png"
+    png.write_bytes(outputs.PNG_MAGIC + b"rest")
+    notes.write_text("my notes")
+    outputs.check_png_output(str(png), "--out")
+    outputs.check_png_output(str(tmp_path / "new.png"), "--out")
+    with pytest.raises(UserError, match=r"b\.png exists and is not a PNG; drawing would replace it"):
+        outputs.check_png_output(str(notes), "--out")
+    assert notes.read_text() == "my notes"

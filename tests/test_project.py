@@ -47,3 +47,17 @@ def test_every_suggestion_to_install_torch_is_pinned():
                 if match[1] != "==2.13.0":
                     unpinned.append(f"{name}:{number}: {line.strip()}")
     assert unpinned == []
+
+
+def test_nanograd_never_imports_transformer():
+    """Issue 20: the layers point down.  nanograd is the library, transformer is built on it;
+    an import the other way, at any depth or indentation, would make the bottom layer depend on the top."""
+    import ast
+    upward = []
+    for path in sorted((REPO / "nanograd").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            upward += [f"{path.relative_to(REPO)}:{node.lineno} imports {name}"
+                       for name in names if name.split(".")[0] in ("transformer", "train", "inference")]
+    assert upward == []

@@ -35,7 +35,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from transformer.checkpoint import save_checkpoint
+from transformer.checkpoint import load_checkpoint, save_checkpoint
 from transformer.data import read_text
 from transformer.errors import UserError
 from transformer.state import load_state
@@ -147,14 +147,16 @@ def files(tmp_path_factory):
     f["corrupted"] = d / "corrupted.ckpt"
     f["corrupted"].write_bytes(blob[:len(blob) // 2] + bytes([blob[len(blob) // 2] ^ 0x40])
                                + blob[len(blob) // 2 + 1:])
-    f["version99"] = d / "version99.ckpt"  # a valid file of a format version from the future
-    body = blob[:8] + struct.pack("<I", 99) + blob[12:-32]
-    f["version99"].write_bytes(body + hashlib.sha256(body).digest())
-    tensors, meta = load_state(f["good"])
+    f["version9"] = d / "version9.ckpt"  # a valid file of a format version from the future
+    version9 = blob.replace(b'"format_version":"2"', b'"format_version":"9"')  # the same length
+    (digest,) = re.findall(rb'"sha256":"([0-9a-f]{64})"', version9)
+    f["version9"].write_bytes(version9.replace(digest, hashlib.sha256(
+        version9.replace(digest, b"0" * 64)).hexdigest().encode()))
+    tensors, meta = load_checkpoint(f["good"])
     f["other_format"] = d / "other_format.ckpt"
     save_checkpoint(f["other_format"], {"w": np.zeros(3, np.float32)}, {"format": "someone-else"})
     f["no_optimizer"] = d / "weights_only.ckpt"  # what an export for inference would hold
-    save_checkpoint(f["no_optimizer"], {k: v for k, v in tensors.items() if not k.startswith("adamw/")},
+    save_checkpoint(f["no_optimizer"], {k: v for k, v in tensors.items() if not k.startswith("adamw.")},
                     {**meta, "adamw": None})
     for path in d.iterdir():
         protect(path)
@@ -177,15 +179,17 @@ BAD_CHECKPOINTS = [
     ("directory", "{dir}", r"folder is a directory"),
     ("truncated", "{truncated}", r"corrupted or truncated"),
     ("corrupted", "{corrupted}", r"corrupted or truncated"),
-    ("unknown-version", "{version99}", r"format version 99 .*reads only"),
+    ("unknown-version", "{version9}", r"format version '9' but this code reads only version\(s\) 1, 2"),
     ("not-a-checkpoint", "{not_ckpt}",
-     r"not a checkpoint of this project \(wrong magic bytes\); pass a checkpoint written by train\.py"),
+     r"not a checkpoint of this project \(not a safetensors file\); pass a checkpoint written by train\.py"),
     ("other-format", "{other_format}",
      r"not of a nanograd-transformer model; pass a checkpoint written by train\.py"),
 ]
 BAD_INPUT = [
     # (test id, script, arguments after the base ones, what stderr must say)
     ("data-missing", "train.py", ["--data", "{missing}"], r"missing\.txt does not exist"),
+    ("data-empty-path", "train.py", ["--data", ""],  # issue 23.12: trained on the built-in corpus
+     r"^error: --data is empty; give a UTF-8 text file, or leave out --data for the built-in corpus$"),
     ("data-directory", "train.py", ["--data", "{dir}"], r"folder is a directory"),
     ("data-unreadable", "train.py", ["--data", "{unreadable}"], r"cannot read .*Permission denied"),
     ("data-empty", "train.py", ["--data", "{empty}"], r"empty\.txt is empty"),
@@ -212,6 +216,10 @@ BAD_INPUT = [
      r"--out .*data\.txt/model\.ckpt cannot be created because .*data\.txt is a file"),
     ("train-cupy-missing", "train.py", ["--backend", "cupy"], CUPY),
     ("wandb-missing", "train.py", ["--wandb"], r"--wandb needs the wandb package: pip install wandb"),
+    ("sample-interval-negative", "train.py", ["--sample-interval", "-1"],
+     r"--sample-interval must be 0 \(off\) or more, got -1\."),
+    ("keep-best-with-save-interval", "train.py", ["--keep", "best", "--save-interval", "5"],
+     r"--keep best saves at the evaluations that improve the validation loss; leave out --save-interval"),
     *[(f"resume-{what}", "train.py", RESUME_BASE + [path], message)
       for what, path, message in BAD_CHECKPOINTS],
     ("resume-no-optimizer-state", "train.py", RESUME_BASE + ["{no_optimizer}"], r"has no optimizer state"),
@@ -392,6 +400,11 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path, wide_text):
     assert all(np.isfinite(t).all() for t in tensors.values())
 
 
+def without_time(meta):
+    """meta with run.time_s left out: the seconds a run took differ between two runs."""
+    return {**meta, "run": {k: v for k, v in meta["run"].items() if k != "time_s"}}
+
+
 def test_resume_is_bit_identical(tmp_path, files):
     """6 steps straight == 3 steps, then --resume for 3 more: parameters, AdamW moments,
     step and the printed loss lines, with dropout on, so the random streams must line up."""
@@ -407,9 +420,9 @@ def test_resume_is_bit_identical(tmp_path, files):
     assert step_lines(first.stdout) + step_lines(rest.stdout) == step_lines(straight.stdout)
     a_tensors, a_meta = load_state(tmp_path / "straight.ckpt")
     b_tensors, b_meta = load_state(tmp_path / "part.ckpt")
-    assert any(name.startswith("adamw/m/") for name in a_tensors)
+    assert any(name.startswith("adamw.exp_avg.") for name in a_tensors)
     tensors_equal(a_tensors, b_tensors)
-    assert a_meta == b_meta  # step, AdamW's t and hyperparameters, the run's settings
+    assert without_time(a_meta) == without_time(b_meta)  # step, AdamW's t and hyperparameters, the run's settings
     assert a_meta["step"] == 6 and a_meta["adamw"]["t"] == 6
 
     # the metrics file continued where it left off
@@ -454,7 +467,7 @@ def test_ctrl_c_saves_and_resumes(tmp_path, files):
     a_tensors, a_meta = load_state(tmp_path / "straight.ckpt")
     b_tensors, b_meta = load_state(out)
     tensors_equal(a_tensors, b_tensors)
-    assert a_meta == b_meta and b_meta["step"] == steps
+    assert without_time(a_meta) == without_time(b_meta) and b_meta["step"] == steps
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, files):
@@ -566,6 +579,8 @@ def test_wandb_gets_config_losses_and_finish(tmp_path, files, project):
 
 BOOK_LINE = re.compile(r"^(Backend: numpy .*|Total: .* tokens .*|Model: .* parameters.*|"
                        r"Step: \d+, Training Loss: \d+\.\d{3}, Validation Loss: \d+\.\d{3}|"
+                       r"Sample at step \d+: \".*\"|"  # and the lines of transformer/progress.py
+                       r"step \d+/\d+: loss \d+\.\d{3}, \d+ ms/step, [\d,]+ tokens/s|"
                        r"Training complete in .*\. Model saved to .*)$")
 
 
@@ -699,3 +714,143 @@ def test_closed_stdout_pipe_is_not_a_traceback(args, tmp_path):
     err = proc.stderr.decode()
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
     assert proc.returncode == (1 if args[0] == "inference.py" else 0)  # argparse's help ignores the error
+
+
+# ---- every integer flag at 10**12 (issue 23) ------------------------------------------------
+
+BIG = 10**12
+RUNS = "runs"  # finishes, exit 0, in bounded memory and time
+ENDLESS = "endless"  # would run for ever: memory flat, and SIGTERM stops it within seconds, saved
+# (command, flag) -> RUNS, ENDLESS, or the one line that refuses it.  Every integer flag of every
+# command is a key (test_the_table_lists_every_integer_flag).
+INTEGER_FLAGS = {
+    ("train.py", "--d-model"): r"training with d_model 1000000000000, .* needs (at least )?about [\d.]+ [EZY]B of memory",
+    ("train.py", "--num-blocks"): r"num_blocks 1000000000000, .* needs (at least )?about [\d.]+ [PEZY]B of memory",
+    ("train.py", "--num-heads"): r"--d-model \(16\) must be divisible by --num-heads \(1000000000000\)",
+    ("train.py", "--batch-size"): r"batch_size 1000000000000 .* needs (at least )?about [\d.]+ [PEZY]B of memory",
+    ("train.py", "--context-length"): r"context_length 1000000000000, .* needs (at least )?about [\d.]+ [EZY]B of memory",
+    ("train.py", "--max-iters"): ENDLESS,
+    ("train.py", "--eval-interval"): RUNS,
+    ("train.py", "--save-interval"): RUNS,
+    ("train.py", "--warmup-iters"): RUNS,
+    ("train.py", "--seed"): RUNS,
+    ("train.py", "--sample-interval"): RUNS,
+    ("inference.py", "--max-new-tokens"): r"generating 1000000000000 tokens .* needs about [\d.]+ TB of memory",
+    ("inference.py", "--top-k"): RUNS,
+    ("inference.py", "--seed"): RUNS,
+    ("nanograd.gradcheck", "--seed"): RUNS,
+}
+# These two never finish their first evaluation or step, so they are driven by a test of their
+# own: tests/test_outputs.py::test_a_count_of_10_to_the_12_streams_and_sigterm_stops_it_at_once.
+STREAMED = {("train.py", "--eval-iters"), ("train.py", "--grad-accum-steps")}
+PEAK_MB = 500  # a tiny run peaks near 80 MB (gradcheck, with torch, near 280): 10**12 of anything takes far more
+
+
+class Parser(Exception):
+    """Raised in place of parsing: carries the parser a command built."""
+
+
+def integer_flags(command):
+    """The flags of command's parser whose type is int (the parser caught before it parses)."""
+    import argparse
+    from unittest import mock
+
+    def catch(parser, *args, **kwargs):
+        raise Parser(parser)
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    module = importlib.import_module(command.removesuffix(".py"))
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", catch), pytest.raises(Parser) as caught:
+        module.main([])
+    return {flag for action in caught.value.args[0]._actions
+            if action.type is int or getattr(action.type, "__name__", "") == "seed_type"  # gradcheck's bounded int
+            for flag in action.option_strings}
+
+
+@pytest.mark.parametrize("command", ["train.py", "inference.py", "transformer.convert", "transformer.plot",
+                                     "transformer.inspect", "nanograd.gradcheck"])
+def test_the_table_lists_every_integer_flag(command):
+    """A new integer flag cannot slip past test_every_integer_flag_at_10_to_the_12."""
+    listed = {flag for cmd, flag in INTEGER_FLAGS.keys() | STREAMED if cmd == command}
+    assert integer_flags(command) == listed
+
+
+def flag_command(command, flag, files, tmp_path):
+    """argv of a tiny successful run of command, with flag set to 10**12."""
+    if command == "train.py":
+        argv = ["train.py", "--data", files["data"], "--out", tmp_path / "m.ckpt", *TINY, "--compact-vocab",
+                "--max-iters", "3", "--eval-interval", "1", "--no-progress"]
+    elif command == "inference.py":
+        argv = ["inference.py", "--ckpt", files["good"], "--prompt", " the module", "--max-new-tokens", "5"]
+    else:
+        argv = ["-m", command]
+    if flag in argv:
+        del argv[argv.index(flag):argv.index(flag) + 2]
+    return [sys.executable, *map(str, argv), flag, str(BIG)]
+
+
+def stop_once_it_trains(pid, stdout_path, report):
+    """on_start for run_measured: once training has gone 3 steps, sample the memory at two points
+    5 s apart, then SIGTERM; report gets the two RSS values and when the signal went."""
+    def steps():
+        return len(step_lines(Path(stdout_path).read_text()))
+
+    def rss_mb():
+        status = Path(f"/proc/{pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+    deadline = time.monotonic() + 120
+    while steps() < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    report["steps_before"], report["rss_before"] = steps(), rss_mb()
+    time.sleep(5)
+    report["steps_after"], report["rss_after"] = steps(), rss_mb()
+    report["signalled"] = time.monotonic()
+    os.kill(pid, signal.SIGTERM)
+
+
+@pytest.mark.parametrize("command, flag", list(INTEGER_FLAGS), ids=[f"{c}{f}" for c, f in INTEGER_FLAGS])
+def test_every_integer_flag_at_10_to_the_12(files, tmp_path, run_measured, command, flag):
+    """10**12 of anything is refused in one line (the memory check, with its estimate), or runs in
+    bounded memory and time.  --max-iters 10**12 is a run that would take for ever, which is
+    fine as long as it is bounded in the ways that matter: its memory does not grow with the
+    steps, and SIGTERM stops it within seconds with its checkpoint saved."""
+    expected = INTEGER_FLAGS[command, flag]
+    argv = flag_command(command, flag, files, tmp_path)
+    report = {}
+    on_start = (lambda pid, out: stop_once_it_trains(pid, out, report)) if expected == ENDLESS else None
+    result = run_measured(argv, timeout=180, cwd=REPO, env=ENV, on_start=on_start)
+    assert not result.timed_out, f"{flag} {BIG} ran past 180 s"
+    print(f"{command} {flag} {BIG}: exit {result.returncode}, peak {result.max_rss_mb:.0f} MB, {result.seconds:.1f} s {report}")
+    assert result.max_rss_mb < PEAK_MB, f"{flag} {BIG}: peak {result.max_rss_mb:.0f} MB"
+    if expected == RUNS:
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    elif expected == ENDLESS:
+        assert result.returncode == 128 + signal.SIGTERM, result.stdout + result.stderr
+        assert report["steps_after"] > report["steps_before"], report  # it was training all along
+        assert report["rss_after"] - report["rss_before"] < 20, report  # in MB: flat, not growing with steps
+        assert result.ended - report["signalled"] < 10, "SIGTERM took more than 10 s to stop it"
+        done = int(re.search(r"Interrupted by SIGTERM after step (\d+); checkpoint saved", result.stdout).group(1))
+        assert load_state(tmp_path / "m.ckpt")[1]["step"] == done
+    else:
+        assert_one_line_error(result, expected)
+        assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("knob", [["--temperature", "1e-310"], ["--temperature", "5e-324"],
+                                  ["--repetition-penalty", "1e-320"], ["--repetition-penalty", "5e-324"]])
+def test_a_temperature_or_penalty_that_overflows_is_its_limit(files, knob):
+    """Issue 23.8: `inference.py --temperature 1e-310` (or --repetition-penalty 1e-320) printed
+    numpy's overflow warnings and repeated token 0 (exit 0), while 1e-300, which does not overflow,
+    gave the greedy text.  Now each gives what 1e-300 gives, silently."""
+    base = ["--ckpt", files["good"], "--prompt", " the module returns", "--max-new-tokens", "8"]
+    limit = ["--temperature", "1e-300"] if knob[0] == "--temperature" else ["--repetition-penalty", "1e-300"]
+    if knob[0] == "--repetition-penalty":
+        base += ["--temperature", "0"]
+    expected = run("inference.py", *base, *limit)
+    result = run("inference.py", *base, *knob)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.split("---------------")[1] == expected.stdout.split("---------------")[1]
+    if knob[0] == "--temperature":
+        greedy = run("inference.py", *base, "--temperature", "0")
+        assert result.stdout.split("---------------")[1] == greedy.stdout.split("---------------")[1]

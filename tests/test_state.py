@@ -5,12 +5,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from nanograd import AdamW
 from transformer import Model
 from transformer.checkpoint import load_checkpoint, save_checkpoint
 from transformer.errors import CheckpointError
-from transformer.state import build_model, load_state, restore_optimizer, save_state
+from transformer.state import MOMENTS, build_model, load_state, restore_optimizer, save_state
 
 ROOT = Path(__file__).resolve().parents[1]
 H = dict(d_model=16, num_blocks=1, num_heads=2, context_length=8, dropout=0.0, max_token_value=50)
@@ -53,7 +54,7 @@ def test_malformed_meta_is_refused(tmp_path, bad):
 def test_missing_parameter_is_refused(tmp_path):
     trained(tmp_path)
     tensors, meta = load_checkpoint(tmp_path / "m.ckpt")
-    del tensors["params/transformer_blocks.0.ln1.bias"]
+    del tensors["transformer_blocks.0.ln1.bias"]
     save_checkpoint(tmp_path / "bad.ckpt", tensors, meta)
     with pytest.raises(CheckpointError, match="ln1.bias"):
         load_state(tmp_path / "bad.ckpt")
@@ -73,3 +74,42 @@ def test_resume_refuses_unusable_checkpoints_in_one_line(tmp_path, bad_run, mess
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and message in r.stderr and "Traceback" not in r.stderr
     assert (tmp_path / "bad.ckpt").read_bytes() == before
+
+
+def test_the_file_is_the_books_state_dict_plus_adamw(tmp_path):
+    """Any safetensors reader sees the book's state_dict() keys (masks included) and the moments
+    under adamw.exp_avg. and adamw.exp_avg_sq.; load_state drops the masks, keeps the rest."""
+    model, opt = trained(tmp_path)
+    stored = load_file(tmp_path / "m.ckpt")
+    masks = {f"transformer_blocks.0.mha.heads.{h}.mask" for h in range(2)}
+    assert set(stored) == set(model.params) | masks | {m + n for m in MOMENTS for n in model.params}
+    for name in masks:
+        np.testing.assert_array_equal(stored[name], np.tril(np.ones((8, 8))))
+    for name in model.params:
+        np.testing.assert_array_equal(stored[name], model.params[name])
+        np.testing.assert_array_equal(stored["adamw.exp_avg_sq." + name], opt.v[name])
+    assert set(load_state(tmp_path / "m.ckpt")[0]) == set(stored) - masks
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("transformer_blocks.0.mha.heads.1.mask"), "lacks the causal mask .*heads.1.mask but holds others"),
+    (lambda t: t.update({"transformer_blocks.0.mha.heads.0.mask": np.ones((8, 8))}), "is not the causal mask"),
+    (lambda t: t.update({"transformer_blocks.0.mha.heads.0.mask": np.ones((9, 9))}), r"has shape \(9, 9\)"),
+])
+def test_bad_masks_are_refused(tmp_path, edit, message):
+    trained(tmp_path)
+    tensors, meta = load_checkpoint(tmp_path / "m.ckpt")
+    edit(tensors)
+    save_checkpoint(tmp_path / "bad.ckpt", tensors, meta)
+    with pytest.raises(CheckpointError, match=message):
+        load_state(tmp_path / "bad.ckpt")
+
+
+def test_a_file_without_masks_loads(tmp_path):
+    """Files of the first format hold none: all or none of them, then."""
+    model, _ = trained(tmp_path)
+    tensors, meta = load_checkpoint(tmp_path / "m.ckpt")
+    save_checkpoint(tmp_path / "bare.ckpt", {k: v for k, v in tensors.items() if not k.endswith(".mask")}, meta)
+    again = build_model(*load_state(tmp_path / "bare.ckpt"))
+    for name in model.params:
+        assert np.array_equal(again.params[name], model.params[name])

@@ -96,3 +96,46 @@ def test_unreadable_file_is_user_error(fresh, tmp_path, monkeypatch, kind):
     monkeypatch.setattr(tokenizer, "VOCAB_FILE", str(bad))
     with pytest.raises(UserError, match="reinstall"):
         tokenizer.get_tokenizer()
+
+
+def test_decode_gives_ids_without_text_as_the_replacement_character():
+    """Issue 23.9: cl100k_base has no text for 100256 and 100261-100275, and tiktoken's decode
+    raises KeyError on them; a model with a larger output layer can pick one."""
+    enc = tokenizer.get_tokenizer()
+    ids = enc.encode_ordinary("Hello, world") + [100256] + enc.encode("<|endoftext|>", allowed_special="all")
+    assert tokenizer.decode(enc, ids + [100270, 100275]) == "Hello, world\ufffd<|endoftext|>\ufffd\ufffd"
+    for text in TEXTS:  # everything else exactly as tiktoken decodes it
+        assert tokenizer.decode(enc, enc.encode(text, allowed_special="all")) == text
+
+
+def test_inference_prints_an_id_without_text_instead_of_crashing(tmp_path):
+    """A checkpoint that passes validation (max_token_value 100277, its output bias favouring
+    100256) made inference.py crash in the decoder with a KeyError."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from transformer import Model
+    from transformer.state import save_state
+    model = Model(dict(d_model=16, num_blocks=1, num_heads=2, context_length=8, max_token_value=100277))
+    model.params["model_out_linear_layer.bias"][...] = np.where(np.arange(100277) == 100256, 100.0, 0.0)
+    save_state(tmp_path / "m.ckpt", model)
+    result = subprocess.run([sys.executable, "inference.py", "--ckpt", str(tmp_path / "m.ckpt"), "--prompt", "Hi",
+                             "--max-new-tokens", "3", "--temperature", "0"], cwd=Path(__file__).resolve().parent.parent,
+                            capture_output=True, text=True, encoding="utf-8", timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "Hi\ufffd\ufffd\ufffd\n" in result.stdout, result.stdout
+
+
+def test_a_prompt_read_under_a_c_locale_is_read_as_utf8():
+    """`LC_ALL=C PYTHONUTF8=0 inference.py --prompt '销售'`: Python hands over the bytes as escapes
+    (U+DC80..U+DCFF); the prompt is the UTF-8 text they spell, as in any other locale."""
+    enc = tokenizer.get_tokenizer()
+    escaped = "销售 sales".encode("utf-8").decode("ascii", "surrogateescape")
+    assert escaped != "销售 sales"
+    ids = tokenizer.encode_prompt(escaped, enc, None, 100256)
+    assert ids.tolist() == enc.encode_ordinary("销售 sales")
+    assert tokenizer.encode_prompt(b"\xff ok".decode("ascii", "surrogateescape"), enc, None, 100256).tolist() \
+        == enc.encode_ordinary("\ufffd ok")  # bytes that are not UTF-8

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from transformer.data import split, tokenize
 from transformer.model import Model, parameter_shapes
@@ -24,6 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # train.py is a script at the repository root, not part of the installed packages
     sys.path.insert(0, REPO)
 import train  # noqa: E402
+from transformer.evaluation import full_loss  # noqa: E402
 TINY = ["--d-model", "16", "--num-blocks", "1", "--num-heads", "2", "--context-length", "16",
         "--batch-size", "4", "--max-iters", "30", "--eval-interval", "10", "--eval-iters", "2",
         "--learning-rate", "3e-3", "--no-progress"]
@@ -116,6 +118,9 @@ def test_checkpoint_loads_with_the_right_h_params(trained, corpus):
     model = build_model(tensors, meta)
     assert list(model.params) == list(parameter_shapes(expected))
     assert "vocab" not in tensors
+    stored = safetensors.numpy.load_file(ckpt)  # any safetensors reader: the book's names, AdamW's moments
+    assert all(np.array_equal(stored[name], tensors[name]) for name in model.params)
+    assert "adamw.exp_avg_sq.model_out_linear_layer.weight" in stored
     # the trained weights are not the initial ones, and the model still runs
     fresh = Model(expected, seed=1337)
     assert all(not np.array_equal(model.params[n], fresh.params[n]) for n in model.params)
@@ -156,7 +161,7 @@ def test_inference_prints_text_and_every_parameter(trained):
     tensors, meta = load_state(ckpt)
     expected = [(name, tuple(shape)) for name, shape in parameter_shapes(meta["h_params"]).items()]
     assert shapes == expected
-    assert count == sum(tensors[f"params/{name}"].size for name, _ in expected)
+    assert count == sum(tensors[name].size for name, _ in expected)
 
 
 # ---- --compact-vocab: a dense vocabulary, mapped back by inference ----------------------------
@@ -170,7 +175,7 @@ def test_compact_vocab_round_trip(corpus, tmp_path):
     tensors, meta = load_state(tmp_path / "c.ckpt")
     np.testing.assert_array_equal(tensors["vocab"], vocab)
     assert meta["h_params"]["max_token_value"] == len(vocab) < 50
-    assert tensors["params/model_out_linear_layer.weight"].shape == (len(vocab), 16)
+    assert tensors["model_out_linear_layer.weight"].shape == (len(vocab), 16)
 
     prompt, new, seed = "The class will", 30, 5
     out = run_script("inference.py", "--ckpt", "c.ckpt", "--prompt", prompt, "--max-new-tokens", new,
@@ -216,7 +221,7 @@ def test_full_loss_is_the_mean_over_every_token(length):
     h = dict(d_model=8, num_blocks=1, num_heads=2, context_length=8, dropout=0.0, max_token_value=13)
     model = Model(h, dtype="float64", seed=1).eval()
     data = np.random.default_rng(length).integers(0, 13, size=length)  # (N,)
-    full = train.full_loss(model, data, 8, batch_size=4)
+    full = full_loss(model, data, 8, batch_size=4)
     assert full == pytest.approx(per_token_mean_loss(model, data, 8), rel=LOSS_RTOL)
     if length <= 9:  # one window: one long pass
         assert full == pytest.approx(model(data[:-1][None], data[1:][None])[1], rel=LOSS_RTOL)
@@ -232,7 +237,7 @@ def test_float64_eval_full_and_resume(corpus, tmp_path, capsys):
     assert "float64" in out
     tensors, meta = load_state(first)
     assert meta["dtype"] == "float64" and meta["step"] == 10
-    assert tensors["params/model_out_linear_layer.weight"].dtype == np.float64
+    assert tensors["model_out_linear_layer.weight"].dtype == np.float64
 
     resumed = tmp_path / "resumed.ckpt"
     shutil.copy(first, resumed)
@@ -269,7 +274,7 @@ def test_grad_accumulation_averages_the_micro_batches(corpus, tmp_path, capsys):
         grads.append({name: g.copy() for name, g in model.backward().items()})  # backward reuses arrays
     for name in model.params:
         mean = (grads[0][name] + grads[1][name]) / 2
-        np.testing.assert_allclose(tensors[f"adamw/m/{name}"], 0.1 * mean, rtol=MOMENT_RTOL,
+        np.testing.assert_allclose(tensors[f"adamw.exp_avg.{name}"], 0.1 * mean, rtol=MOMENT_RTOL,
                                    atol=MOMENT_ATOL_SCALE * np.abs(mean).max(), err_msg=name)
 
 
@@ -287,7 +292,7 @@ def test_grad_clip_scales_every_gradient_before_adamw_sees_it(corpus, tmp_path, 
     norm = math.sqrt(sum(float(np.sum(g * g)) for g in grads.values()))
     assert norm > 0.01  # so the clip did scale
     for name, g in grads.items():
-        np.testing.assert_allclose(tensors[f"adamw/m/{name}"], 0.1 * g * (0.01 / (norm + 1e-6)), rtol=MOMENT_RTOL,
+        np.testing.assert_allclose(tensors[f"adamw.exp_avg.{name}"], 0.1 * g * (0.01 / (norm + 1e-6)), rtol=MOMENT_RTOL,
                                    atol=MOMENT_ATOL_SCALE * np.abs(g).max(), err_msg=name)
 
 
@@ -360,7 +365,8 @@ def test_checkpoints_are_written_beside_the_loop_from_a_still_state(corpus, tmp_
         save_checkpoint(path, tensors, meta)
         unchanged = all(np.array_equal(before[name], array) for name, array in tensors.items())
         saves.append((meta["step"], threading.current_thread() is threading.main_thread(), unchanged))
-    monkeypatch.setattr(train, "save_checkpoint", slow_save)
+    from transformer import saving
+    monkeypatch.setattr(saving, "save_checkpoint", slow_save)
     run_main(["--data", corpus, *TINY, "--out", tmp_path / "m.ckpt"], capsys)
     assert saves == [(10, False, True), (20, False, True), (30, False, True)]
     assert load_state(tmp_path / "m.ckpt")[1]["step"] == 30
@@ -372,7 +378,8 @@ def test_a_failed_save_is_one_sentence(corpus, tmp_path, capsys, monkeypatch, at
         if meta["step"] == at_step:
             raise OSError(28, "No space left on device")
         save_checkpoint(path, tensors, meta)
-    monkeypatch.setattr(train, "save_checkpoint", full_disk)
+    from transformer import saving
+    monkeypatch.setattr(saving, "save_checkpoint", full_disk)
     out = tmp_path / "m.ckpt"
     assert train.main([str(a) for a in ["--data", corpus, *TINY, "--out", out]]) == 2
     err = capsys.readouterr().err
@@ -469,3 +476,139 @@ def test_ctrl_c_during_generation_prints_the_text_so_far(trained, capsys, monkey
     text, _, _ = parse_inference(out)
     assert text.startswith("The man") and len(calls) == 5
     assert re.search(r"^Generated 5 tokens in .*; interrupted before the 1000 asked for$", out, re.M), out
+
+
+# ---- a run you can watch: samples, progress lines, time_s, no evaluation twice ----------------
+
+def without_time(meta):
+    """meta with run.time_s left out: the seconds a run took differ between two runs."""
+    return {**meta, "run": {k: v for k, v in meta["run"].items() if k != "time_s"}}
+
+
+def test_samples_do_not_change_the_run(corpus, tmp_path, capsys):
+    """A run printing a sample every 2 steps trains bit for bit as one printing none: dropout on,
+    8 steps; the same weights, moments, saved settings and logged losses."""
+    runs = {}
+    for every in (2, 0):
+        out = run_main(["--data", corpus, *TINY, "--max-iters", 8, "--eval-interval", 3, "--dropout", 0.3,
+                        "--sample-interval", every, "--out", tmp_path / f"s{every}.ckpt"], capsys)
+        samples = re.findall(r"^Sample at step (\d+): \".*\"$", out, re.M)
+        assert samples == (["2", "4", "6", "8"] if every else []), out
+        runs[every] = load_state(tmp_path / f"s{every}.ckpt"), metrics_losses(tmp_path / f"s{every}.metrics.jsonl")
+    ((a_tensors, a_meta), a_losses), ((b_tensors, b_meta), b_losses) = runs[2], runs[0]
+    assert set(a_tensors) == set(b_tensors)
+    assert all(np.array_equal(a_tensors[name], b_tensors[name]) for name in a_tensors)
+    assert without_time(a_meta) == without_time(b_meta) and a_losses == b_losses
+
+
+def test_a_piped_run_prints_progress_lines_and_a_sample(corpus, tmp_path, capsys, monkeypatch):
+    """stdout not a terminal (as under capsys): a progress line at each PROGRESS_SECONDS (0 here:
+    every step), and by default a sample every other evaluation and one at the end."""
+    from transformer import progress
+    monkeypatch.setattr(progress, "PROGRESS_SECONDS", 0)
+    no_progress = TINY.index("--no-progress")
+    out = run_main(["--data", corpus, *TINY[:no_progress], *TINY[no_progress + 1:], "--max-iters", 25,
+                    "--out", tmp_path / "m.ckpt"], capsys)
+    lines = re.findall(r"^step (\d+)/25: loss \d+\.\d{3}, \d+ ms/step, [\d,]+ tokens/s$", out, re.M)
+    assert lines == [str(step) for step in range(1, 26)], out
+    assert re.findall(r"^Sample at step (\d+): ", out, re.M) == ["20", "25"]
+
+
+def test_a_resumed_run_does_not_evaluate_its_step_twice_and_time_goes_on(corpus, tmp_path, capsys):
+    """A run saved at step 10, evaluated step 10, then died (here: its later checkpoint is replaced
+    by the step-10 copy).  Resumed, it does not evaluate step 10 again, and time_s goes on from the
+    seconds the checkpoint had trained.  A checkpoint whose step was not evaluated (stopped between
+    steps) gets its evaluation."""
+    out = tmp_path / "m.ckpt"
+    common = ["--data", corpus, *TINY, "--eval-interval", 5, "--sample-interval", 0]
+    run_main([*common, "--out", out, "--max-iters", 10], capsys)
+    at_10 = tmp_path / "at10.ckpt"
+    shutil.copy(out, at_10)
+    printed = run_main(["--resume", out, "--max-iters", 11, "--no-progress"], capsys)
+    assert [s for s, *_ in step_lines(printed)] == [10]  # not evaluated by the run that saved step 10
+    shutil.copy(at_10, out)  # as if the run died after evaluating step 10
+    printed = run_main(["--resume", out, "--max-iters", 15, "--no-progress"], capsys)
+    assert [s for s, *_ in step_lines(printed)] == [14]
+    records = [json.loads(line) for line in open(tmp_path / "m.metrics.jsonl")]
+    assert [r["step"] for r in records] == [0, 5, 9, 10, 14]
+    times = [r["time_s"] for r in records]
+    saved_time = load_state(at_10)[1]["run"]["time_s"]
+    assert times[2] <= saved_time <= times[3] and times[3] < times[4], (times, saved_time)
+    assert load_state(out)[1]["run"]["time_s"] > times[4]
+
+
+def test_keep_best_saves_the_lowest_validation_loss_and_resumes_from_it(corpus, tmp_path, capsys):
+    """--keep best with a rate that overshoots: out holds the weights of the evaluation with the
+    lowest validation loss (the state of a --keep last run saved at that step), and a resumed run
+    goes on from it without evaluating it again, saving only an evaluation that beats it."""
+    common = ["--data", corpus, *TINY, "--eval-interval", 2, "--max-iters", 15, "--learning-rate", 3e-2,
+              "--sample-interval", 0]
+    best = tmp_path / "best.ckpt"
+    printed = run_main([*common, "--keep", "best", "--out", best], capsys)
+    records = [json.loads(line) for line in open(tmp_path / "best.metrics.jsonl")]
+    low = min(records, key=lambda r: r["valid_loss"])
+    assert 0 < low["step"] < records[-1]["step"], records  # a later evaluation was worse: not saved
+    tensors, meta = load_state(best)
+    assert meta["step"] == low["step"] and meta["run"]["best_valid_loss"] == low["valid_loss"]
+    assert meta["run"]["keep"] == "best"
+    assert printed.splitlines()[-1].endswith(
+        f"The best checkpoint (step {low['step']}, validation loss {low['valid_loss']:.3f}) is at {best}")
+    last = tmp_path / "last.ckpt"  # the same run, saving every step, stopped at the best step
+    run_main([*common, "--out", last, "--max-iters", low["step"]], capsys)
+    same, _ = load_state(last)
+    assert all(np.array_equal(tensors[name], same[name]) for name in same)
+
+    printed = run_main(["--resume", best, "--max-iters", 30, "--no-progress"], capsys)
+    again = [json.loads(line) for line in open(tmp_path / "best.metrics.jsonl")][len(records):]
+    assert again and again[0]["step"] > low["step"]  # the best step is not evaluated twice
+    tensors, meta = load_state(best)
+    lowest = min([low, *again], key=lambda r: r["valid_loss"])
+    assert meta["step"] == lowest["step"] and meta["run"]["best_valid_loss"] == lowest["valid_loss"]
+
+
+def test_keep_best_with_a_save_interval_is_refused(corpus, tmp_path, capsys):
+    assert train.main([str(a) for a in ["--data", corpus, *TINY, "--keep", "best", "--save-interval", 5,
+                                        "--out", tmp_path / "m.ckpt"]]) == 2
+    assert capsys.readouterr().err == ("error: --keep best saves at the evaluations that improve the validation "
+                                       "loss; leave out --save-interval (it sets when --keep last saves)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_changed_batch_on_resume_is_said(corpus, tmp_path, capsys):
+    """--grad-accum-steps on resume changes the batch the run trained with: one line says so."""
+    out = tmp_path / "m.ckpt"
+    run_main(["--data", corpus, *TINY, "--max-iters", 2, "--out", out], capsys)
+    printed = run_main(["--resume", out, "--max-iters", 3, "--grad-accum-steps", 2, "--no-progress"], capsys)
+    assert (f"Note: {out} was trained on 1 micro-batch a step; this run adds 2 (1 process x --grad-accum-steps 2), "
+            "so its batch differs from the run it continues") in printed.splitlines()
+    printed = run_main(["--resume", out, "--max-iters", 4, "--no-progress"], capsys)
+    assert "Note:" not in printed  # the checkpoint now holds 2, and the run keeps it
+    assert load_state(out)[1]["run"]["grad_accum_steps"] == 2
+
+
+def test_ctrl_c_under_keep_best_keeps_the_best(corpus, tmp_path):
+    """Stopped by a signal, a --keep best run does not save its last step over the best one: it
+    says which step out holds, and resuming it goes on from there."""
+    out = tmp_path / "m.ckpt"
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), "--data", str(corpus), "--out", str(out),
+                             *TINY, "--keep", "best", "--max-iters", "100000", "--eval-interval", "100000"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("Step: 0"):
+                time.sleep(0.5)  # some steps past the best (the only) evaluation
+                proc.send_signal(signal.SIGINT)
+                break
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, "".join(seen) + rest + err
+    loss = step_lines("".join(seen))[0][2]
+    message = re.search(r"^Interrupted after step (\d+); the best checkpoint \(step 0, validation loss "
+                        rf"{loss:.3f}\) is at {re.escape(str(out))}\. Resume with: python train\.py --resume "
+                        rf"{re.escape(str(out))}$", rest, re.M)
+    assert message and int(message[1]) > 0, rest
+    assert load_state(out)[1]["step"] == 0

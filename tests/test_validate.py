@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tracemalloc
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ from transformer.checkpoint import load_checkpoint, save_checkpoint
 from transformer.errors import CheckpointError, UserError
 from transformer.model import parameter_shapes
 from transformer.state import build_model, load_state, restore_optimizer, save_state
-from transformer.tokenizer import encode_prompt, get_tokenizer
+from transformer.tokenizer import decode, encode_prompt, get_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT = 2 * 10**9  # the memory every test here may plan for
@@ -44,7 +45,7 @@ H = dict(d_model=16, num_blocks=1, num_heads=2, batch_size=2, context_length=16,
 RUN = {**{k: v for k, v in H.items() if k != "max_token_value"}, "dtype": "float32", "data": "data.txt",
        "save_interval": 10, "lr_schedule": "constant", "warmup_iters": 0, "min_lr": 0.0, "grad_clip": 0.0,
        "grad_accum_steps": 1, "eval_full": False, "compact_vocab": True, "data_sha256": "ab" * 32}
-BIAS = "params/transformer_blocks.0.ln1.bias"  # a (16,) float32 tensor
+BIAS = "transformer_blocks.0.ln1.bias"  # a (16,) float32 tensor
 
 
 @pytest.fixture(autouse=True)
@@ -75,14 +76,19 @@ def set_field(header, dotted, value):
 
 
 def rewrite_header(src, dst, edit):
-    """Copy checkpoint src to dst with edit(header) applied to its JSON header; checksum recomputed."""
+    """Copy checkpoint src to dst with edit(header) applied to its safetensors header, seen as
+    {"meta": the metadata's values decoded, "tensors": the entries}; checksum recomputed."""
     blob = Path(src).read_bytes()
-    (length,) = struct.unpack_from("<Q", blob, 12)
-    header = json.loads(blob[20:20 + length])
+    (length,) = struct.unpack_from("<Q", blob)
+    entries = json.loads(blob[8:8 + length])
+    metadata = entries.pop("__metadata__")
+    header = {"meta": {k: json.loads(v) for k, v in metadata.items() if k not in ("sha256", "format_version")},
+              "tensors": entries}
     edit(header)
-    new = json.dumps(header).encode()
-    body = blob[:12] + struct.pack("<Q", len(new)) + new + blob[20 + length:-32]
-    Path(dst).write_bytes(body + hashlib.sha256(body).digest())
+    metadata = {"sha256": "0" * 64, "format_version": "2", **{k: json.dumps(v) for k, v in header["meta"].items()}}
+    new = json.dumps({"__metadata__": metadata, **header["tensors"]}, separators=(",", ":")).encode()
+    body = struct.pack("<Q", len(new)) + new + blob[8 + length:]
+    Path(dst).write_bytes(body.replace(b"0" * 64, hashlib.sha256(body).hexdigest().encode(), 1))
 
 
 def meta_edit(**fields):
@@ -109,6 +115,13 @@ def tensor_edit(name, value):
     return edit
 
 
+def vocab_edit(change):
+    """A (tensors, meta) edit that replaces the vocab list v with change(v)."""
+    def edit(tensors, meta):
+        meta["vocab"] = change(meta["vocab"])
+    return edit
+
+
 def craft(good, dst, edit):
     """Write a crafted copy of good at dst: a header edit, or a (tensors, meta) edit."""
     if edit.__code__.co_argcount == 1:
@@ -122,8 +135,8 @@ def craft(good, dst, edit):
 
 # (test id, edit, what the one line must say). Each used to be a traceback, a hang or a silent error.
 CRAFTED = [
-    ("shape-70-dims", entry_edit(BIAS, shape=[1] * 69 + [16]), r"70 dimensions"),
-    ("shape-2**70-elements", entry_edit(BIAS, shape=[2**70, 0], nbytes=0), r"dimensions of under 2\*\*48"),
+    ("shape-70-dims", entry_edit(BIAS, shape=[1] * 69 + [16]), r"has a shape of 70 dimensions, beyond 32"),
+    ("shape-2**70-elements", entry_edit(BIAS, shape=[2**70, 0], data_offsets=[0, 0]), r"not a valid safetensors file"),
     ("num-blocks-10**7", meta_edit(h_params__num_blocks=10**7, run__num_blocks=10**7),
      r"holds 21 parameter tensors but its h_params describe 160000005"),
     ("context-length-10**8", meta_edit(h_params__context_length=10**8, run__context_length=10**8),
@@ -157,28 +170,38 @@ CRAFTED = [
     ("run-compact-vocab-disagrees", meta_edit(run__compact_vocab=False), r"run\.compact_vocab = False but has"),
     ("run-lr-schedule-unknown", meta_edit(run__lr_schedule="linear"), r"malformed run\.lr_schedule"),
     ("run-data-not-a-path", meta_edit(run__data=7), r"malformed run\.data"),
+    ("run-keep-unknown", meta_edit(run__keep="worst"), r"malformed run\.keep \('worst'\): it must be last or best"),
+    ("run-time-negative", meta_edit(run__time_s=-1.0), r"malformed run\.time_s \(-1\.0\): it must be a finite number"),
+    ("run-time-string", meta_edit(run__time_s="12"), r"malformed run\.time_s"),
+    ("run-best-loss-nan", meta_edit(run__best_valid_loss=float("nan")), r"malformed run\.best_valid_loss \(nan\)"),
     ("run-list", meta_edit(run=[1]), r"malformed run entry \(list\)"),
-    ("moment-0-d", tensor_edit("adamw/m/transformer_blocks.0.ln1.bias", np.zeros((), np.float32)),
-     r"adamw/m/transformer_blocks\.0\.ln1\.bias has shape \(\) but the model needs \(16,\)"),
-    ("moment-transposed", tensor_edit("adamw/v/transformer_blocks.0.ffn.ffn.0.weight",
+    ("moment-0-d", tensor_edit("adamw.exp_avg.transformer_blocks.0.ln1.bias", np.zeros((), np.float32)),
+     r"adamw\.exp_avg\.transformer_blocks\.0\.ln1\.bias has shape \(\) but the model needs \(16,\)"),
+    ("moment-transposed", tensor_edit("adamw.exp_avg_sq.transformer_blocks.0.ffn.ffn.0.weight",
                                       lambda v: np.ascontiguousarray(v.T)),
      r"has shape \(16, 64\) but the model needs \(64, 16\)"),
-    ("moment-missing", tensor_edit("adamw/v/transformer_blocks.0.ln2.weight", None),
+    ("moment-missing", tensor_edit("adamw.exp_avg_sq.transformer_blocks.0.ln2.weight", None),
      r"lacks AdamW's second moment of transformer_blocks\.0\.ln2\.weight"),
-    ("moment-negative-v", tensor_edit("adamw/v/transformer_blocks.0.ln2.weight", lambda v: v - 1),
+    ("moment-negative-v", tensor_edit("adamw.exp_avg_sq.transformer_blocks.0.ln2.weight", lambda v: v - 1),
      r"holds negative values"),
     ("param-nan", tensor_edit(BIAS, lambda p: np.full_like(p, np.nan)), r"holds NaN or infinite values"),
     ("param-float64", tensor_edit(BIAS, lambda p: p.astype(np.float64)), r"is float64 but .*dtype is float32"),
     ("param-int", tensor_edit(BIAS, lambda p: p.astype(np.int32)), r"is int32 but"),
-    ("tensor-unexpected", tensor_edit("params/extra", np.zeros(3, np.float32)), r"unexpected tensor 'params/extra'"),
-    ("vocab-0-d", tensor_edit("vocab", np.array(5)), r"vocab tensor must be a 1-D array .* got 0-D"),
-    ("vocab-2-d", tensor_edit("vocab", lambda v: v.reshape(6, 10)), r"got 2-D"),
-    ("vocab-float", tensor_edit("vocab", lambda v: v.astype(np.float32)), r"got 1-D float32"),
-    ("vocab-empty", tensor_edit("vocab", np.zeros(0, np.int64)), r"holds 0 ids but the model has 60"),
-    ("vocab-short", tensor_edit("vocab", lambda v: v[:-1]), r"holds 59 ids"),
-    ("vocab-outside-tokenizer", tensor_edit("vocab", lambda v: v + 100000), r"distinct ids in \[0, 100277\)"),
-    ("vocab-negative", tensor_edit("vocab", lambda v: v - 10), r"distinct ids"),
-    ("vocab-unsorted", tensor_edit("vocab", lambda v: v[::-1].copy()), r"increasing order"),
+    ("tensor-unexpected", tensor_edit("extra", np.zeros(3, np.float32)), r"unexpected tensor 'extra'"),
+    ("mask-not-causal", tensor_edit("transformer_blocks.0.mha.heads.1.mask", lambda m: np.ones_like(m)),
+     r"heads\.1\.mask is not the causal mask"),
+    ("tokenizer-other", meta_edit(tokenizer="gpt2"), r"made for the tokenizer 'gpt2'; this code has only cl100k_base"),
+    ("vocab-0-d", meta_edit(vocab=5), r"vocab must be a list of token ids, got 5"),
+    ("vocab-2-d", vocab_edit(lambda v: [v[:30], v[30:]]), r"vocab must be a list of token ids, got \[\["),
+    ("vocab-float", vocab_edit(lambda v: [float(i) for i in v]), r"vocab must be a list of token ids, got \[3\.0"),
+    ("vocab-bool", vocab_edit(lambda v: [True] + v[1:]), r"vocab must be a list of token ids, got \[True"),
+    ("vocab-empty", meta_edit(vocab=[]), r"holds 0 ids but the model has 60"),
+    ("vocab-short", vocab_edit(lambda v: v[:-1]), r"holds 59 ids"),
+    ("vocab-outside-tokenizer", vocab_edit(lambda v: [i + 100000 for i in v]), r"distinct ids of text tokens, in \[0, 100256\)"),
+    ("vocab-special-id", vocab_edit(lambda v: v[:-1] + [100256]),  # issue 23.9: a KeyError in decode
+     r"vocab must hold distinct ids of text tokens, in \[0, 100256\), in increasing order"),
+    ("vocab-negative", vocab_edit(lambda v: [i - 10 for i in v]), r"distinct ids"),
+    ("vocab-unsorted", vocab_edit(lambda v: v[::-1]), r"increasing order"),
 ]
 HANGS = ("num-blocks-10**7", "context-length-10**8")  # these used to hang or exhaust memory
 
@@ -199,7 +222,7 @@ def test_the_good_checkpoint_and_a_weights_only_one_load(good, tmp_path):
     model = build_model(tensors, meta)
     restore_optimizer(AdamW(model.params), tensors, meta, good)
     bare = craft(good, tmp_path / "bare.ckpt", lambda tensors, meta: (
-        [tensors.pop(n) for n in list(tensors) if n.startswith("adamw/")], meta.update(adamw=None)))
+        [tensors.pop(n) for n in list(tensors) if n.startswith("adamw.")], meta.update(adamw=None)))
     assert load_state(bare)[1]["adamw"] is None
 
 
@@ -227,7 +250,8 @@ def test_model_bytes_bounds_what_building_a_model_allocates():
 def test_training_and_generation_bytes_bound_what_they_allocate(dtype, accum, fast):
     """A training step (forward, backward, AdamW, on train.py's fast model or its --reference
     one) and a generation stay under their estimates: settings that fit are never refused."""
-    from nanograd.fast import FastAdamW, FastModel
+    from nanograd.fast import FastAdamW
+    from transformer.fast_model import FastModel
     model_class, adamw_class = (FastModel, FastAdamW) if fast else (Model, AdamW)
     h = {**H, "d_model": 32, "num_heads": 4, "context_length": 32, "max_token_value": 500}
     B, itemsize = 4, np.dtype(dtype).itemsize
@@ -259,6 +283,68 @@ def test_check_memory_names_the_estimate_and_the_budget(monkeypatch):
         validate.check_memory(10**6 + 1, "x needs", "do less")
     monkeypatch.delenv(validate.MEMORY_LIMIT_ENV)
     assert validate.memory_budget() > 10**6  # the machine's own figure
+
+
+class FakeDevice:
+    """The parts of CuPy that the GPU memory check reads: the device's free memory and the pool's."""
+
+    def __init__(self, free, pooled=0):
+        self.cuda = SimpleNamespace(runtime=SimpleNamespace(memGetInfo=lambda: (free, 141 * 10**9),
+                                                            getDeviceProperties=lambda i: {"name": b"Fake GPU"},
+                                                            runtimeGetVersion=lambda: 13000),
+                                    Device=lambda: SimpleNamespace(id=0))
+        self.get_default_memory_pool = lambda: SimpleNamespace(free_bytes=lambda: pooled)
+        self.__version__ = "14.2.0"
+
+
+def test_on_cupy_training_is_checked_against_the_gpus_free_memory(monkeypatch):
+    """A batch that cannot fit on the GPU used to end in CuPy's OutOfMemoryError traceback."""
+    from nanograd import backend
+    monkeypatch.setenv(validate.MEMORY_LIMIT_ENV, str(10**12))
+    h = {**H, "max_token_value": 100_218}
+    need = validate.training_bytes(h, 4, 64)
+    monkeypatch.setattr(backend, "cupy", FakeDevice(free=need - 1000, pooled=999))
+    with pytest.raises(UserError, match=r"^training with d_model 16, .*batch_size 64 .* needs about \d+\.\d [MG]B of "
+                                        r"GPU memory but the GPU has \d+\.\d [MG]B free; lower --batch-size"):
+        validate.check_training_memory(h, "float32", 64, backend="cupy")
+    validate.check_training_memory(h, "float32", 64)  # NumPy: the host's budget alone
+    monkeypatch.setattr(backend, "cupy", FakeDevice(free=need - 1000, pooled=1000))  # the pool's spare blocks count
+    validate.check_training_memory(h, "float32", 64, backend="cupy")
+    # the host only builds the model on CuPy: a host budget below the run's but above the model's passes
+    monkeypatch.setenv(validate.MEMORY_LIMIT_ENV, str(validate.model_bytes(h, 4)))
+    monkeypatch.setattr(backend, "cupy", FakeDevice(free=10**12))
+    validate.check_training_memory(h, "float32", 64, backend="cupy")
+    with pytest.raises(UserError, match="of memory but this machine has"):
+        validate.check_training_memory(h, "float32", 64)
+    with pytest.raises(UserError, match=r"^generating 500 tokens .* of GPU memory but the GPU has 1\.0 kB free"):
+        monkeypatch.setattr(backend, "cupy", FakeDevice(free=1000))
+        validate.check_generation_memory(h, "float32", 10, 500, backend="cupy")
+
+
+def test_train_py_refuses_a_batch_the_gpu_cannot_hold_before_allocating(monkeypatch, capsys):
+    import train
+    from nanograd import backend
+    monkeypatch.setattr(backend, "cupy", FakeDevice(free=10**9))  # nothing else of CuPy exists: no allocation can run
+    monkeypatch.setattr(backend, "cupy_unavailable_reason", lambda: None)
+    assert train.main(["--backend", "cupy", "--batch-size", "4096", "--max-iters", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert re.match(r"^error: training with .*batch_size 4096 .* of GPU memory but the GPU has 1\.0 GB free; ", err)
+
+
+def test_the_training_estimate_says_what_it_knows_of_the_vocabulary(monkeypatch):
+    """Issue 22: the bound made before the data is read said "a vocabulary of 1" (a placeholder);
+    it is a lower bound for any vocabulary, and says so; after the data, the vocabulary is named."""
+    monkeypatch.setenv(validate.MEMORY_LIMIT_ENV, "1000000")
+    h = dict(d_model=80, num_blocks=6, num_heads=4, context_length=128, max_token_value=None)
+    with pytest.raises(UserError, match=r"^training with d_model 80, num_blocks 6, context_length 128, "
+                                        r"batch_size 2 and any vocabulary needs at least about [\d.]+ MB of "
+                                        r"memory but this machine has 1\.0 MB available; lower --batch-size"):
+        validate.check_training_memory(h, "float32", 2)
+    at_least = validate.training_bytes({**h, "max_token_value": 1}, 4, 2)
+    assert at_least < validate.training_bytes({**h, "max_token_value": 2}, 4, 2)  # a lower bound: one token
+    with pytest.raises(UserError, match=r" batch_size 2 and a vocabulary of 100,218 needs about [\d.]+ MB "):
+        validate.check_training_memory({**h, "max_token_value": 100218}, "float32", 2)
 
 
 # ---- special files --------------------------------------------------------------------------
@@ -319,7 +405,7 @@ ENTRY_POINTS = {  # how each reads a checkpoint
 
 ENTRY_CASES = [(entry, name) for name in HANGS for entry in ENTRY_POINTS] + [
     ("inference", "shape-70-dims"), ("resume", "dropout-string"), ("resume", "run-seed-negative"),
-    ("inference", "vocab-outside-tokenizer")]
+    ("inference", "vocab-outside-tokenizer")] + [(entry, "vocab-special-id") for entry in ENTRY_POINTS]
 
 
 @pytest.mark.parametrize("entry, name", ENTRY_CASES, ids=[f"{e}-{n}" for e, n in ENTRY_CASES])
@@ -357,10 +443,10 @@ S = ["--d-model", "16", "--num-blocks", "1", "--num-heads", "2", "--context-leng
 @pytest.mark.parametrize("flag, value, message", [
     ("--seed", "-1", r"--seed must be an integer in \[0, 2\*\*64\), got -1\."),
     ("--seed", str(2**64), r"--seed must be an integer in \[0, 2\*\*64\)"),
-    ("--d-model", "100000000", r"training with d_model 100000000, .* needs about [\d.]+ EB of memory but "
-                               r"this machine has 2\.0 GB available; lower --batch-size"),
-    ("--batch-size", "1000000000", r"batch_size 1000000000 .* needs about [\d.]+ TB of memory"),
-    ("--num-blocks", "10000000", r"num_blocks 10000000, .* needs about [\d.]+ TB of memory"),
+    ("--d-model", "100000000", r"training with d_model 100000000, .* and any vocabulary needs at least about "
+                               r"[\d.]+ EB of memory but this machine has 2\.0 GB available; lower --batch-size"),
+    ("--batch-size", "1000000000", r"batch_size 1000000000 and any vocabulary needs at least about [\d.]+ TB "),
+    ("--num-blocks", "10000000", r"num_blocks 10000000, .* any vocabulary needs at least about [\d.]+ TB "),
     ("--grad-clip", "inf", r"--grad-clip must be a finite number, got inf\."),
 ], ids=["seed-negative", "seed-too-big", "d-model-1e8", "batch-size-1e9", "num-blocks-1e7", "grad-clip-inf"])
 def test_train_refuses_settings_beyond_the_machine(data, tmp_path, flag, value, message):
@@ -392,7 +478,7 @@ def test_inference_refuses_flags_beyond_the_machine(good, flag, value, message):
 # ---- fuzz -----------------------------------------------------------------------------------
 
 FUZZ_BUDGET = 64 * 10**6  # bytes: a small budget, so that a wrong estimate would show
-FIELDS = ["format", "dtype", "step", *[f"h_params.{k}" for k in H], *[f"run.{k}" for k in RUN],
+FIELDS = ["format", "dtype", "step", "tokenizer", "vocab", *[f"h_params.{k}" for k in H], *[f"run.{k}" for k in RUN],
           *[f"adamw.{k}" for k in ("lr", "betas", "eps", "weight_decay", "t")], "adamw", "run", "h_params"]
 NASTY = st.sampled_from([None, "", "x", "0.1", math.nan, math.inf, -math.inf, -1, 0, 1.5, True, 10**7,
                          10**12, 2**64, [], [0.9, "0.999"], {}, "float16"])
@@ -401,7 +487,7 @@ VALUES = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
     st.sampled_from(["float32", "float64", "float16", "int64", "constant", "cosine", "nanograd-transformer"]),
     st.lists(st.integers(-2, 2**40), max_size=4), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
-ENTRY_FIELDS = st.sampled_from(["dtype", "shape", "offset", "nbytes"])
+ENTRY_FIELDS = st.sampled_from(["dtype", "shape", "data_offsets"])
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -432,7 +518,7 @@ def test_fuzz_checkpoint_fields(good, tmp_path, monkeypatch, changes, which):
         model = build_model(tensors, meta)
         ids = encode_prompt("$", get_tokenizer(), tensors.get("vocab"), meta["h_params"]["max_token_value"])
         out = model.eval().generate(ids[None], 1, rng=np.random.default_rng(0))[0]  # (2,) one new token
-        get_tokenizer().decode((out if "vocab" not in tensors else tensors["vocab"][out]).tolist())
+        decode(get_tokenizer(), out if "vocab" not in tensors else tensors["vocab"][out])
         if meta["adamw"] is not None:
             restore_optimizer(AdamW(model.params), tensors, meta, path)
     except UserError as e:  # a CheckpointError, or any other of the project's one-line errors

@@ -1,60 +1,79 @@
-"""A pickle-free, self-describing single-file checkpoint format (spec: docs/checkpoint.md).
+"""Checkpoints are safetensors files (spec: docs/checkpoint.md), with a checksum over the whole file.
 
-    magic (8) | version u32 LE (4) | header length u64 LE (8) | JSON header | tensor bytes | sha256 (32)
+    header length u64 LE (8) | JSON header: tensors and "__metadata__" | tensor bytes
 
-The header is {"meta": {...}, "tensors": {name: {"dtype", "shape", "offset", "nbytes"}}},
-offsets counted from the start of the tensor bytes. Loading checks the magic, the
-checksum, the version and every header entry before it builds a single array.
+safetensors (https://github.com/huggingface/safetensors) stores named little-endian tensors
+and a string -> string metadata map; it never runs code, and its Rust parser refuses a header
+whose entries overlap, leave gaps or run past the file.  On top of it this module keeps:
+
+    metadata "format_version"  "2" (version 1 is the first, home-made format: legacy_checkpoint.py)
+    metadata "sha256"          SHA-256 of the whole file with these 64 hex digits written as zeros
+    metadata <key>             json.dumps(meta[key]) for each key of the caller's meta dict
+
+Loading checks the file kind, the header's size, the checksum and the version before
+safetensors parses it, and the dtypes before it builds a single array.
 """
-
 import hashlib
-import itertools
 import json
-import math
 import os
 import struct
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
+from . import legacy_checkpoint
 from .errors import CheckpointError
 from .outputs import replacing
-from .validate import check_memory, read_file, short, size_text
+from .validate import JSON_BYTES_PER_BYTE, MAX_NDIM, check_memory, open_regular, read_file, short, size_text
 
-MAGIC = b"\x89NGCKPT\n"  # non-ASCII first byte: never text; "\n" catches newline mangling
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
-DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-          "float16", "float32", "float64")
-_PREFIX = struct.Struct("<8sIQ")  # magic, version, header length: 20 bytes
-_DIGEST = 32  # sha256 of everything before it
-MAX_NDIM = 32  # NumPy allows 64; no tensor of a model has more than a few
-JSON_BYTES_PER_BYTE = 40  # Python objects parsed from one byte of JSON, at worst ("{}," is a 64-byte dict)
-MAX_DIM = 2**48  # one dimension's length: an empty tensor may claim any, NumPy refuses past 2**63
-
-
-def _tensor_bytes(array):
-    """Little-endian, C-order bytes of one array, as a uint8 view of the array itself when it
-    already is one (on x86 and ARM it is): no copy of a 32 MB tensor."""
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
+FORMAT_VERSION = 2
+RESERVED = ("format_version", "sha256")  # metadata keys of the container, not of the caller's meta
+_UNSET = "0" * 64  # the digest's place while the file is hashed
+_DIGEST_KEY = b'"sha256":"'  # as serde_json writes the key; a value's own quotes are escaped
+DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32",
+          "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16", "F32": "float32",
+          "F64": "float64"}  # safetensors' names of the dtypes NumPy has
+CHUNK = 1 << 20
+_UMASK = os.umask(0o022)  # read once, while importing: os.umask can only be read by setting it
+os.umask(_UMASK)
 
 
-def _header(tensors, meta):
-    """The JSON header bytes, with each tensor's place in the data section."""
+def _little_endian(array):
+    """C-order little-endian array with array's values: the array itself when it already is one
+    (on x86 and ARM it is), so safetensors writes a 32 MB tensor without a copy."""
+    return np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")  # ascontiguousarray makes 0-d 1-d
+
+
+def _metadata(meta):
+    """The caller's meta as safetensors metadata: each value JSON, the container's keys added."""
     if not isinstance(meta, dict):
         raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
-    entries, offset = {}, 0
-    for name, array in tensors.items():
-        if not isinstance(name, str):
-            raise TypeError(f"tensor names must be str, got {name!r}")
-        if not isinstance(array, np.ndarray):
-            raise TypeError(f"tensor {name!r} is a {type(array).__name__}; convert it to a host "
-                            "numpy array first")
-        if array.dtype.name not in DTYPES:
-            raise TypeError(f"tensor {name!r} has unsupported dtype {array.dtype}")
-        entries[name] = {"dtype": array.dtype.name, "shape": list(array.shape),
-                         "offset": offset, "nbytes": array.nbytes}
-        offset += array.nbytes
-    return json.dumps({"meta": meta, "tensors": entries}, ensure_ascii=False).encode("utf-8")
+    if any(key in meta for key in RESERVED):
+        raise TypeError(f"meta may not use the keys {', '.join(RESERVED)}; the file format sets them")
+    metadata = {key: json.dumps(value, ensure_ascii=False) for key, value in meta.items()}
+    return {**metadata, "format_version": str(FORMAT_VERSION), "sha256": _UNSET}
+
+
+def _digest_span(header):
+    """(start, end) of the 64 digest digits in the header bytes, or None when there are none."""
+    at = header.find(_DIGEST_KEY)
+    start, end = at + len(_DIGEST_KEY), at + len(_DIGEST_KEY) + 64
+    if at < 0 or header[end:end + 1] != b'"':
+        return None
+    return start, end
+
+
+def _file_digest(f, header_len, span):
+    """SHA-256 of the open file f from its start, the bytes at span (in the header) read as zeros."""
+    digest = hashlib.sha256()
+    f.seek(0)
+    head = bytearray(f.read(8 + header_len))
+    head[8 + span[0]:8 + span[1]] = _UNSET.encode()
+    digest.update(head)
+    while chunk := f.read(CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fsync_dir(folder):
@@ -74,122 +93,126 @@ def _fsync_dir(folder):
 def save_checkpoint(path, tensors, meta):
     """Write host numpy `tensors` and JSON-able `meta` to `path` atomically (temp file + os.replace).
 
+    safetensors writes the temp file; its checksum then goes into the place kept for it.
     On any failure the temp file is removed and an existing checkpoint at `path` is untouched.
     """
     path = os.fspath(path)
-    header = _header(tensors, meta)  # validates everything before a file is made
+    for name, array in tensors.items():  # everything is checked before a file is made
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names must be str, got {name!r}")
+        if not isinstance(array, np.ndarray) or array.dtype.name not in DTYPES.values():
+            raise TypeError(f"tensor {name!r} is not a host numpy array of a dtype safetensors stores "
+                            f"({type(array).__name__} {getattr(array, 'dtype', '')})")
+    metadata = _metadata(meta)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    with replacing(path) as tmp, open(tmp, "wb") as f:
-        digest = hashlib.sha256()
-        prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header))
-        for chunk in itertools.chain([prefix, header], map(_tensor_bytes, tensors.values())):
-            digest.update(chunk)
-            f.write(chunk)
-        f.write(digest.digest())
-        f.flush()
-        os.fsync(f.fileno())
+    with replacing(path) as tmp:
+        save_file({name: _little_endian(array) for name, array in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors makes it 0600; a file we write has open()'s mode
+        with open(tmp, "r+b") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            span = _digest_span(f.read(header_len))
+            digest = _file_digest(f, header_len, span)
+            f.seek(8 + span[0])
+            f.write(digest.encode())
+            f.flush()
+            os.fsync(f.fileno())
     _fsync_dir(folder)
 
 
-def _read(path):
-    """The whole file's bytes, or CheckpointError if it cannot be read."""
+# ---- loading -------------------------------------------------------------------------------
+
+def _open(path):
+    """The checkpoint at path opened for reading, once it is known to be a regular file."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist; check the path or train a model first")
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path} is a directory; pass the checkpoint file inside it")
     try:
-        return read_file(path, "checkpoint", CheckpointError)  # a regular file, held twice at most
+        return open_regular(path, "checkpoint", CheckpointError)  # a FIFO or a device: refused
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path} ({e.strerror}); check its permissions") from e
 
 
-def _check_container(path, blob):
-    """Check magic, length, checksum and version; return the version."""
-    if not blob.startswith(MAGIC):
-        if blob.startswith(b"PK\x03\x04") or (len(blob) > 1 and blob[0] == 0x80 and 2 <= blob[1] <= 5):
-            raise CheckpointError(f"{path} looks like a PyTorch/pickle file, not a checkpoint of this "
-                                  "project; convert it with `python -m transformer.convert`")
-        raise CheckpointError(f"{path} is not a checkpoint of this project (wrong magic bytes); "
+def _check_kind(path, f, size):
+    """CheckpointError unless f starts like a safetensors file of a size that fits; returns
+    its header length.  (A first-format file is read by legacy_checkpoint instead.)"""
+    start = f.read(9)
+    if start.startswith(b"PK\x03\x04") or (len(start) > 1 and start[0] == 0x80 and 2 <= start[1] <= 5):
+        raise CheckpointError(f"{path} looks like a PyTorch/pickle file, not a checkpoint of this "
+                              "project; convert it with `python -m transformer.convert`")
+    if len(start) < 9 or start[8:9] != b"{":
+        raise CheckpointError(f"{path} is not a checkpoint of this project (not a safetensors file); "
                               "pass a checkpoint written by train.py")
-    if len(blob) < _PREFIX.size + _DIGEST:
-        raise CheckpointError(f"checkpoint {path} is truncated ({len(blob)} bytes); save it again")
-    if hashlib.sha256(blob[:-_DIGEST]).digest() != blob[-_DIGEST:]:
+    (header_len,) = struct.unpack_from("<Q", start)
+    if 8 + header_len > size:
+        raise CheckpointError(f"checkpoint {path} is corrupted or truncated (its header runs past the end "
+                              "of the file); use another copy or save it again")
+    check_memory(size + header_len * JSON_BYTES_PER_BYTE,
+                 f"reading checkpoint {path} ({size_text(size)}, a header of {size_text(header_len)}) needs",
+                 "the file was edited or damaged, or use a machine with more memory", CheckpointError)
+    return header_len
+
+
+def _check_digest(path, f, header_len):
+    """CheckpointError unless the file's metadata holds a sha256 that matches the file."""
+    f.seek(8)
+    header = f.read(header_len)
+    span = _digest_span(header)
+    if span is None:
+        raise CheckpointError(f"{path} is a safetensors file but not a checkpoint of this project "
+                              "(it has no sha256 in its metadata); pass a checkpoint written by train.py")
+    if _file_digest(f, header_len, span) != header[span[0]:span[1]].decode("latin-1"):
         raise CheckpointError(f"checkpoint {path} is corrupted or truncated (checksum mismatch); "
                               "use another copy or save it again")
-    _, version, _ = _PREFIX.unpack_from(blob)
-    if version not in SUPPORTED_VERSIONS:
-        raise CheckpointError(f"checkpoint {path} has format version {version} but this code reads "
-                              f"only version(s) {', '.join(map(str, SUPPORTED_VERSIONS))}; "
+
+
+def _meta(path, metadata):
+    """The caller's meta back from the metadata strings, after the format version is checked."""
+    version = metadata.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise CheckpointError(f"checkpoint {path} has format version {short(version)} but this code reads "
+                              f"only version(s) {legacy_checkpoint.VERSION}, {FORMAT_VERSION}; "
                               "update the code or re-save the checkpoint")
-    return version
-
-
-def _is_count(value):
-    """True for a non-negative int (JSON true/false are not counts)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _parse_header(path, blob):
-    """Decode the JSON header; return (meta, entries, data section start, data length)."""
-    _, _, header_len = _PREFIX.unpack_from(blob)
-    data_start = _PREFIX.size + header_len
-    if data_start > len(blob) - _DIGEST:
-        raise CheckpointError(f"checkpoint {path} has a header length past the end of the file; "
-                              "the file is damaged, save it again")
-    bad = f"checkpoint {path} has a malformed header; the file is damaged, save it again"
-    check_memory(header_len * JSON_BYTES_PER_BYTE, f"the header of checkpoint {path} ({size_text(header_len)}) needs",
-                 "the file was edited or damaged", CheckpointError)
-    try:
-        header = json.loads(blob[_PREFIX.size:data_start].decode("utf-8"))
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise CheckpointError(bad) from e
-    if (not isinstance(header, dict) or not isinstance(header.get("meta"), dict)
-            or not isinstance(header.get("tensors"), dict)):
-        raise CheckpointError(bad)
-    return header["meta"], header["tensors"], data_start, len(blob) - _DIGEST - data_start
-
-
-def _check_entry(path, name, entry, data_len):
-    """CheckpointError unless one tensor entry is well-formed and inside the data section."""
-    where = f"tensor {short(name)} in checkpoint {path}"
-    if not isinstance(entry, dict) or not {"dtype", "shape", "offset", "nbytes"} <= entry.keys():
-        raise CheckpointError(f"{where} has a malformed entry; the file is damaged, save it again")
-    if entry["dtype"] not in DTYPES:
-        raise CheckpointError(f"{where} has unsupported dtype {repr(entry['dtype'])[:40]}; "
-                              f"supported are {', '.join(DTYPES)}")
-    shape, offset, nbytes = entry["shape"], entry["offset"], entry["nbytes"]
-    if not (isinstance(shape, list) and all(map(_is_count, shape))
-            and _is_count(offset) and _is_count(nbytes)):
-        raise CheckpointError(f"{where} has a malformed shape, offset or size; the file is damaged")
-    if len(shape) > MAX_NDIM or any(n >= MAX_DIM for n in shape):
-        raise CheckpointError(f"{where} has a shape of {len(shape)} dimensions up to {max(shape, default=0)} "
-                              f"long, beyond {MAX_NDIM} dimensions of under 2**48; the file is damaged")
-    if offset + nbytes > data_len:
-        raise CheckpointError(f"{where} lies outside the file's data section; the file is damaged")
-    if math.prod(shape) * np.dtype(entry["dtype"]).itemsize != nbytes:
-        raise CheckpointError(f"{where} has shape {shape} that does not match its {nbytes} bytes; "
-                              "the file is damaged")
+    meta = {}
+    for key, value in metadata.items():
+        if key not in RESERVED:
+            try:
+                meta[key] = json.loads(value)
+            except (ValueError, RecursionError) as e:
+                raise CheckpointError(f"checkpoint {path} has malformed metadata {short(key)} (not JSON); "
+                                      "the file was edited or damaged") from e
+    return meta
 
 
 def load_checkpoint(path):
-    """Read `path` into ({name: owned writable numpy array}, meta); CheckpointError if it is not valid."""
+    """Read `path` into ({name: writable numpy array}, meta); CheckpointError if it is not valid.
+    A file of the first format comes back under today's names (legacy_checkpoint.current_names)."""
     path = os.fspath(path)
-    blob = _read(path)
-    _check_container(path, blob)
-    meta, entries, data_start, data_len = _parse_header(path, blob)
-    for name, entry in entries.items():
-        _check_entry(path, name, entry, data_len)
-    spans = sorted((entry["offset"], entry["offset"] + entry["nbytes"]) for entry in entries.values()
-                   if entry["nbytes"])
-    if any(start < end for (_, end), (start, _) in zip(spans, spans[1:])):  # shared bytes: each a copy
-        raise CheckpointError(f"checkpoint {path}'s tensors overlap in its data section (the writer packs "
-                              "them apart); the file is damaged")
-    tensors = {}
-    for name, entry in entries.items():
-        dtype = np.dtype(entry["dtype"])
-        start = data_start + entry["offset"]
-        flat = np.frombuffer(blob, dtype=dtype.newbyteorder("<"), count=entry["nbytes"] // dtype.itemsize,
-                             offset=start)
-        tensors[name] = flat.reshape(entry["shape"]).astype(dtype, copy=True)  # owned, writable
+    with _open(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if f.read(len(legacy_checkpoint.MAGIC)) == legacy_checkpoint.MAGIC:
+            blob = read_file(path, "checkpoint", CheckpointError)  # a regular file, held twice at most
+            return legacy_checkpoint.current_names(*legacy_checkpoint.read_container(path, blob))
+        f.seek(0)
+        header_len = _check_kind(path, f, size)
+        _check_digest(path, f, header_len)
+    try:
+        with safe_open(path, framework="numpy") as st:
+            meta = _meta(path, st.metadata() or {})
+            for name in st.keys():
+                entry = st.get_slice(name)
+                dtype, ndim = entry.get_dtype(), len(entry.get_shape())
+                if dtype not in DTYPES:
+                    raise CheckpointError(f"tensor {short(name)} in checkpoint {path} has dtype {short(dtype)}, "
+                                          "which NumPy has not; the file was edited or damaged")
+                if ndim > MAX_NDIM:
+                    raise CheckpointError(f"tensor {short(name)} in checkpoint {path} has a shape of {ndim} "
+                                          f"dimensions, beyond {MAX_NDIM}; the file was edited or damaged")
+            tensors = {name: st.get_tensor(name) for name in st.keys()}  # writable copies
+    except SafetensorError as e:  # checksum right, parse wrong: written by something else
+        raise CheckpointError(f"checkpoint {path} is not a valid safetensors file ({str(e)[:200]}); "
+                              "the file was edited or damaged") from e
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path} ({e.strerror}); check its permissions") from e
     return tensors, meta

@@ -1,25 +1,36 @@
-"""Convert between the book's PyTorch checkpoints and ours.
+"""Convert checkpoints: the book's PyTorch files to ours and back, and ours to ours.
 
-    python -m transformer.convert book.ckpt model/model.ckpt     # book (torch.save) -> ours
-    python -m transformer.convert model/model.ckpt book.ckpt     # ours -> book's format
+    python -m transformer.convert book.pt model/model.ckpt          # the book's torch.save file -> ours
+    python -m transformer.convert model/model.ckpt book.pt          # ours -> the book's torch.save file
+    python -m transformer.convert model/model.ckpt model.safetensors --weights-only
+                                                                    # ours, without the optimizer state
+    python -m transformer.convert old.ckpt new.ckpt                 # a checkpoint of the first format
+                                                                    # -> today's (safetensors)
 
-The direction follows the input: a checkpoint of ours becomes the book's
-{'model_state_dict', 'h_params'} (with the causal-mask buffers its Model
-registers), anything else is read as the book's with torch.load(weights_only=True),
-which refuses pickled code.  torch is needed only here.
+What the input is comes from its bytes; what the output is, from its name: a .pt or .pth
+file gets the book's torch.save({'model_state_dict', 'h_params'}) (with the causal-mask
+buffers its Model registers); any other name gets our safetensors checkpoint (the book's
+weights from a PyTorch file; everything, or with --weights-only the weights, from one of
+ours).  A PyTorch file is read with torch.load(weights_only=True), which refuses pickled
+code.  torch is needed only for the .pt directions.
 """
+import argparse
 import os
 import sys
 
 import numpy as np
 
+from nanograd import AdamW
+
 from .errors import CheckpointError, OneLineParser, UserError, run_command
-from .checkpoint import MAGIC
+from .legacy_checkpoint import MAGIC
 from . import validate
 from .model import Model, parameter_shapes
-from .outputs import check_writable_folder, replacing
+from .outputs import check_output, replacing
 from .validate import check_h_params, check_memory, model_bytes, read_file, size_text
-from .state import build_model, load_state, save_state
+from .state import build_model, load_state, restore_optimizer, save_state
+
+TORCH_SUFFIXES = (".pt", ".pth")
 
 
 def book_to_ours(src, dst):
@@ -104,52 +115,81 @@ def ours_to_book(src, dst):
         raise UserError(f"{src} was trained with --compact-vocab; the book's model has no place for its "
                         "id mapping, so it cannot be converted")
     model = build_model(tensors, meta)
-    torch_model = book_torch.Model(meta["h_params"]).to(torch.float64 if model.dtype == np.float64 else torch.float32)
+    h_params = {"dropout": 0.0, **meta["h_params"]}  # the book's Model reads dropout; ours defaults it to 0
+    torch_model = book_torch.Model(h_params).to(torch.float64 if model.dtype == np.float64 else torch.float32)
     book_torch.load_numpy_params(torch_model, {k: np.asarray(v) for k, v in model.params.items()})
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)  # as save_checkpoint does
     with replacing(dst) as tmp:
-        torch.save({"model_state_dict": torch_model.state_dict(), "h_params": dict(meta["h_params"])}, tmp)
+        torch.save({"model_state_dict": torch_model.state_dict(), "h_params": h_params}, tmp)
+
+
+def ours_to_ours(src, dst, weights_only):
+    """Our checkpoint at src (of either format) -> today's format at dst; without the optimizer
+    state if weights_only (or if src has none)."""
+    tensors, meta = load_state(src)
+    model = build_model(tensors, meta)
+    optimizer = None
+    if meta["adamw"] is not None and not weights_only:
+        optimizer = AdamW(model.params)
+        restore_optimizer(optimizer, tensors, meta, src)
+    save_state(dst, model, optimizer, meta["step"], meta["run"], tensors.get("vocab"))
 
 
 def is_ours(path):
-    """True when the regular file at path starts with our magic bytes."""
+    """True when the regular file at path starts as a checkpoint of ours does: the first
+    format's magic bytes, or a safetensors header (8 bytes of length, then its JSON's "{")."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # main() checked it is a regular file
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror}); check its permissions") from None
     with os.fdopen(fd, "rb") as f:
-        return f.read(len(MAGIC)) == MAGIC
+        start = f.read(9)
+    return start.startswith(MAGIC) or start[8:9] == b"{"
 
 
 def main(argv=None):
-    parser = OneLineParser(prog="python -m transformer.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("src")
-    parser.add_argument("dst")
+    parser = OneLineParser(prog="python -m transformer.convert", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="a checkpoint of ours, or the book's PyTorch checkpoint")
+    parser.add_argument("dst", help="the output: .pt or .pth for the book's PyTorch format, any other "
+                                    "name (.safetensors, .ckpt) for ours")
+    parser.add_argument("--weights-only", action="store_true",
+                        help="leave out the optimizer state (ours -> ours): a file to share or to load "
+                             "into the book's PyTorch model with strict=True")
     parser.add_argument("--force", action="store_true", help="overwrite dst if it exists")
     args = parser.parse_args(argv)
     try:
         if not os.path.isfile(args.src):
             raise UserError(f"{args.src} does not exist or is not a file; give a checkpoint path")
+        check_output(args.dst, "", inputs=[args.src])  # before converting, and whatever --force says
         if os.path.exists(args.dst) and not args.force:
             raise UserError(f"{args.dst} exists; choose another path or pass --force to overwrite it")
-        check_writable_folder(args.dst, flag="")  # before converting: a bad path costs no work
+        to_torch = args.dst.lower().endswith(TORCH_SUFFIXES)
+        from_ours = is_ours(args.src)
+        if not from_ours and to_torch:
+            raise UserError(f"{args.src} is not a checkpoint of ours, and {args.dst} would be a PyTorch file "
+                            "too; name the output .safetensors or .ckpt to convert it to ours")
+        if to_torch or not from_ours:
+            try:
+                import torch  # noqa: F401
+            except ImportError:
+                raise UserError("converting needs PyTorch: pip install torch==2.13.0") from None
         try:
-            import torch  # noqa: F401
-        except ImportError:
-            raise UserError("converting needs PyTorch: pip install torch==2.13.0") from None
-        try:
-            if is_ours(args.src):
+            if to_torch:
                 ours_to_book(args.src, args.dst)
-                print(f"Wrote the book's PyTorch checkpoint {args.dst}")
+            elif from_ours:
+                ours_to_ours(args.src, args.dst, args.weights_only)
             else:
                 book_to_ours(args.src, args.dst)
-                print(f"Wrote {args.dst} (load it with inference.py --ckpt {args.dst})")
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
             raise UserError(f"cannot write {args.dst} ({reason}); nothing was written there") from None
     except (UserError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # printed outside the try: a failed print is not a failed write (run_command reports it)
+    print(f"Wrote the book's PyTorch checkpoint {args.dst}" if to_torch
+          else f"Wrote {args.dst} (safetensors; load it with inference.py --ckpt {args.dst})")
     return 0
 
 

@@ -3,46 +3,11 @@
 Top-level scripts catch `UserError`, print it to stderr and exit with status 2,
 so its message must be one sentence that names the problem and what to do.
 """
-import argparse
-import os
-import signal
-import sys
-
-
-class UserError(Exception):
-    """Bad user input; str() is one sentence saying what is wrong and what to do."""
+from nanograd.command import run_command  # noqa: F401  every command's start and end, gradcheck's too
+from nanograd.errors import OneLineParser, UserError  # noqa: F401  defined at the bottom layer, used everywhere
 
 
 class CheckpointError(UserError):
     """A checkpoint file is missing, foreign, corrupted or of an unsupported version."""
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag gets one line on stderr (and exit 2), not the usage block, and a
-    flag must be spelled in full: `--lr 0.01` is an error, not --lr-schedule."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def run_command(main):
-    """sys.exit(main()), quietly when the reader of stdout goes away (`... | head`), and with one
-    line, not a traceback, on Ctrl-C (exit 130, as a shell reports it)."""
-    if signal.getsignal(signal.SIGINT) == signal.SIG_DFL:  # train.py, inference.py set it while importing
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        try:
-            code = main()
-        finally:
-            sys.stdout.flush()  # a closed pipe shows up here (also after --help), not at exit
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("Interrupted (Ctrl-C).", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(code)

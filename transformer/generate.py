@@ -95,19 +95,30 @@ class KVCache:
 
 
 def sample(logits, temperature, top_k, top_p, repetition_penalty, history, rng):
-    """One id per row of logits (B, V) (host float64); history (B, T) the ids so far."""
-    logits = logits.copy()
-    if repetition_penalty != 1.0:  # CTRL: shrink the logits of tokens already present
-        for row, ids in zip(logits, history):
-            seen = np.unique(ids)
-            row[seen] = np.where(row[seen] > 0, row[seen] / repetition_penalty, row[seen] * repetition_penalty)
-    if temperature == 0:
-        return logits.argmax(axis=-1)  # (B,)
-    logits /= temperature
+    """One id per row of logits (B, V) (host float64); history (B, T) the ids so far.
+
+    A penalty or temperature so extreme that scaling by it overflows acts as its limit, as
+    for ever more extreme values: only the largest of the logits sent to infinity can be
+    drawn, and a temperature that sends every other logit to -inf is greedy."""
+    original, logits = logits, logits.copy()
+    with np.errstate(over="ignore"):  # an overflow to +-inf is the limit, taken below
+        if repetition_penalty != 1.0:  # CTRL: shrink the logits of tokens already present
+            for row, ids in zip(logits, history):
+                seen = np.unique(ids)
+                row[seen] = np.where(row[seen] > 0, row[seen] / repetition_penalty, row[seen] * repetition_penalty)
+        top = logits.max(axis=-1, keepdims=True)  # (B, 1)
+        for b in np.flatnonzero(~np.isfinite(top[:, 0])):  # the penalty overflowed: l / p -> +inf (or all -inf)
+            at_top = logits[b] == top[b]  # (V,) the ids it sent to infinity
+            best = original[b][at_top].max()  # among them, l / p grows fastest for the largest l
+            logits[b] = np.where(at_top & (original[b] == best), 0.0, -np.inf)  # (V,)
+            top[b] = 0.0
+        if temperature == 0:
+            return logits.argmax(axis=-1)  # (B,)
+        logits = (logits - top) / temperature  # (B, V) <= 0: a tiny temperature sends all but the max to -inf
     if top_k is not None and top_k < logits.shape[-1]:
         kth = np.partition(logits, -top_k, axis=-1)[:, -top_k, None]  # (B, 1)
         logits[logits < kth] = -np.inf
-    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))  # (B, V)
+    probs = np.exp(logits)  # (B, V) the largest logit is 0: no overflow
     probs /= probs.sum(axis=-1, keepdims=True)
     if top_p is not None and top_p < 1.0:  # keep the most likely ids until their mass reaches top_p
         order = np.argsort(-probs, axis=-1, kind="stable")  # (B, V)

@@ -9,16 +9,19 @@ block and a column per head.  Needs matplotlib: pip install matplotlib.
 """
 import argparse
 import os
+import re
 import sys
+import warnings
 
 import numpy as np
 
 from nanograd.backend import BackendError, get_backend, to_host
 
 from .errors import OneLineParser, UserError, run_command
-from .outputs import DEFAULT_OUT, check_default_folder, check_not_special, replacing
+from .outputs import DEFAULT_OUT, check_default_folder, check_png_output, replacing
 from .state import build_model, load_state
 from .tokenizer import encode_prompt, get_tokenizer
+from .validate import check_inspect_memory
 
 
 def attention_maps(model, ids):
@@ -30,6 +33,30 @@ def attention_maps(model, ids):
 
 OVERVIEW = "overview.png"  # the grid of every block and head, beside the one-per-head PNGs
 OVERVIEW_DPI = 100
+HEAD_DPI = 100
+LABELLED_TOKENS = 48  # a label per token up to this many; beyond, labels smear and the images stop growing
+OVERVIEW_PIXELS = 8 * 10**6  # the overview's cells shrink to keep it within this (about 250 MB to draw)
+
+
+def head_inches(T):
+    """(width, height) of one head's figure: grows with T until the labels stop (about 1600 x 1500 pixels)."""
+    size = max(4.0, 0.28 * min(T, LABELLED_TOKENS) + 1.5)
+    return size + 1, size
+
+
+def overview_inches(NB, NH, T):
+    """(cell, width, height): a square panel per block and head, 2 to 4 inches as T grows,
+    smaller when that many panels would pass OVERVIEW_PIXELS."""
+    cell = min(4.0, max(2.0, 0.1 * T + 1.0))
+    cell = min(cell, (OVERVIEW_PIXELS / (NB * NH)) ** 0.5 / OVERVIEW_DPI)
+    return cell, cell * NH + 1.6, cell * NB + 0.8
+
+
+def image_pixels(NB, NH, T):
+    """Pixels of the largest image draw() makes, for the memory estimate."""
+    head_w, head_h = head_inches(T)
+    _, width, height = overview_inches(NB, NH, T)
+    return max(head_w * head_h * HEAD_DPI**2, width * height * OVERVIEW_DPI**2)
 
 
 def pyplot():
@@ -40,6 +67,8 @@ def pyplot():
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("drawing attention maps needs matplotlib: pip install matplotlib") from None
+    # a token its font cannot draw (Chinese in DejaVu Sans) becomes a box, not lines of warnings
+    warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
     return plt
 
 
@@ -50,9 +79,8 @@ def overview_figure(maps, labels):
     """
     plt = pyplot()
     NB, NH, T = len(maps), maps[0].shape[0], len(labels)
-    cell = min(4.0, max(2.0, 0.1 * T + 1.0))  # inches per panel: grows with T, then stops
-    fig, axes = plt.subplots(NB, NH, figsize=(cell * NH + 1.6, cell * NB + 0.8), squeeze=False,
-                             layout="constrained")
+    _, width, height = overview_inches(NB, NH, T)
+    fig, axes = plt.subplots(NB, NH, figsize=(width, height), squeeze=False, layout="constrained")
     for i, heads in enumerate(maps):
         for h, att in enumerate(heads):
             ax = axes[i, h]
@@ -70,34 +98,49 @@ def overview_figure(maps, labels):
     return fig
 
 
+def map_paths(NB, NH, out_dir):
+    """Where draw() writes: block<i>_head<h>.png for each block and head, then OVERVIEW."""
+    heads = [os.path.join(out_dir, f"block{i}_head{h}.png") for i in range(NB) for h in range(NH)]
+    return heads + [os.path.join(out_dir, OVERVIEW)]
+
+
 def draw(maps, labels, out_dir):
     """One PNG per block and head, and OVERVIEW with all of them; returns the per-head paths."""
     plt = pyplot()
-    paths = []
-    T = len(labels)
-    for i, heads in enumerate(maps):
-        for h, att in enumerate(heads):
-            size = max(4.0, 0.28 * T + 1.5)
-            fig, ax = plt.subplots(figsize=(size + 1, size))
-            image = ax.imshow(att, cmap="viridis", vmin=0.0, vmax=1.0)
-            ax.set_xticks(range(T), labels, rotation=90, fontsize=7)
-            ax.set_yticks(range(T), labels, fontsize=7)
-            ax.set_xlabel("attends to (key)")
-            ax.set_ylabel("position (query)")
-            ax.set_title(f"block {i}, head {h}")
-            fig.colorbar(image, ax=ax, fraction=0.046)
-            fig.tight_layout()
-            path = os.path.join(out_dir, f"block{i}_head{h}.png")
-            save_png(plt, fig, path, dpi=100)
-            paths.append(path)
+    NH, T = maps[0].shape[0], len(labels)
+    paths = map_paths(len(maps), NH, out_dir)[:-1]
+    ticks = range(T) if T <= LABELLED_TOKENS else []  # beyond, a label per token is a smear
+    for k, path in enumerate(paths):
+        i, h = divmod(k, NH)
+        fig, ax = plt.subplots(figsize=head_inches(T))
+        image = ax.imshow(maps[i][h], cmap="viridis", vmin=0.0, vmax=1.0)
+        ax.set_xticks(ticks, labels if ticks else [], rotation=90, fontsize=7)
+        ax.set_yticks(ticks, labels if ticks else [], fontsize=7)
+        ax.set_xlabel("attends to (key)")
+        ax.set_ylabel("position (query)")
+        ax.set_title(f"block {i}, head {h}")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+        fig.tight_layout()
+        save_png(plt, fig, path, dpi=HEAD_DPI)
     save_png(plt, overview_figure(maps, labels), os.path.join(out_dir, OVERVIEW), dpi=OVERVIEW_DPI)
     return paths
+
+
+def check_map_paths(paths, inputs):
+    """UserError unless every image can be written, before any is: each a PNG or nothing yet."""
+    for path in paths:
+        check_png_output(path, "", inputs=inputs)
+
+
+def older_maps(out_dir, paths):
+    """The block<i>_head<h>.png files in out_dir that this run does not write (another model's)."""
+    ours = {os.path.basename(p) for p in paths}
+    return sorted(n for n in os.listdir(out_dir) if re.fullmatch(r"block\d+_head\d+\.png", n) and n not in ours)
 
 
 def save_png(plt, fig, path, dpi):
     """Write fig to path through a temporary file and a rename (a link there is replaced, not followed)."""
     try:
-        check_not_special(path, "the image")
         with replacing(path) as tmp:
             fig.savefig(tmp, dpi=dpi, format="png")
     except OSError as e:
@@ -140,13 +183,21 @@ def main(argv=None):
         ids = ids[-model.context_length:]
         raw = ids if "vocab" not in tensors else tensors["vocab"][ids]
         labels = [repr(tokenizer.decode([int(i)]))[1:-1] for i in raw]
+        h = meta["h_params"]
+        check_inspect_memory(h, model.dtype, len(ids), image_pixels(h["num_blocks"], h["num_heads"], len(ids)))
         check_out_dir(args.out_dir)
+        check_map_paths(map_paths(h["num_blocks"], h["num_heads"], args.out_dir), inputs=[args.ckpt])
         paths = draw(attention_maps(model, np.asarray(ids)), labels, args.out_dir)
     except (UserError, BackendError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"Wrote {len(paths)} attention maps ({len(labels)} tokens) and {OVERVIEW}, all on one grid, "
           f"to {args.out_dir}/")
+    older = older_maps(args.out_dir, paths)
+    if older:
+        print(f"Note: {args.out_dir}/ also holds {len(older)} older map(s) this model has no block or head for "
+              f"({', '.join(older[:3])}{', ...' if len(older) > 3 else ''}); they are another model's, "
+              "not this one's")
     return 0
 
 

@@ -4,7 +4,8 @@
     outputs.check()     # before any work: refuse an earlier run's files, inputs, non-regular files
     outputs.claim()     # lock, remove dead runs' temp files, open the metrics file
     outputs.log(record) # one JSON line, flushed; stops the run if the folder was removed
-    outputs.release()   # close, unlock, remove the lock file (and an empty new metrics file)
+    outputs.release()   # close, unlock, remove the lock file (and the new metrics file of a
+                        # run that wrote no checkpoint: nothing was saved, so nothing is left)
 
 One run writes `out` (the checkpoint, always by temp file + rename), `<stem>.metrics.jsonl`
 beside it and, while it runs, the lock file `<stem>.run.lock`, where `<stem>` is `out`
@@ -24,6 +25,7 @@ from .errors import UserError
 
 DEFAULT_FOLDER = "model"
 DEFAULT_OUT = os.path.join(DEFAULT_FOLDER, "model.ckpt")
+METRICS_LINE = 1 << 16  # bytes: a metrics record is about 150
 
 
 def metrics_path(out):
@@ -83,6 +85,42 @@ def check_writable_folder(out, flag="--out"):
         raise UserError(f"{named} cannot be written: no write permission in {folder}; choose {other}")
 
 
+def check_output(path, flag, inputs=()):
+    """The one rule for every file a command writes (train.py's checkpoint, convert's output,
+    plot's and inspect's PNGs): UserError unless path can be created in a folder we may write,
+    is a regular file or nothing yet (never a directory, device, FIFO or socket), and is none
+    of inputs (not the same path, link or inode).  --force and --overwrite decide only whether
+    an earlier output may be replaced; they never widen this.  flag names the path in messages
+    ("--out", or "" for a plain argument)."""
+    check_writable_folder(path, flag)
+    named = f"{flag} {path}" if flag else path
+    check_not_special(path, flag or "the output")
+    for given in inputs:
+        if given and same_file(path, given):
+            raise UserError(f"{named} is the input {given}; writing would replace it, so choose another path")
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png_output(path, flag, inputs=(), doing="drawing"):
+    """check_output, and an existing file at path (or that a link there points to) must be a
+    PNG, an earlier plot or map to replace, never someone's other file that happens to have the
+    name.  doing names the command's work in the message ("plotting")."""
+    check_output(path, flag, inputs)
+    if not os.path.exists(path):
+        return
+    named = f"{flag} {path}" if flag else path
+    try:
+        with open(path, "rb") as f:  # check_output found a regular file: opening cannot block
+            is_png = f.read(len(PNG_MAGIC)) == PNG_MAGIC
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}) to check that it is an earlier image; "
+                        "choose another path") from e
+    if not is_png:
+        raise UserError(f"{named} exists and is not a PNG; {doing} would replace it, so choose another path")
+
+
 @contextlib.contextmanager
 def replacing(path):
     """with replacing(path) as tmp: write tmp.  On success tmp replaces path (os.replace, so a
@@ -138,6 +176,7 @@ class RunOutputs:
         self.lock = None  # the lock file's descriptor, after claim()
         self.created = []  # folders claim() made, deepest last
         self.new_metrics = False  # whether claim() created the metrics file (not appending to one)
+        self.saved = False  # whether this run has written its checkpoint (wrote_checkpoint)
 
     # ---- before any work -------------------------------------------------------------------
 
@@ -150,9 +189,9 @@ class RunOutputs:
             raise UserError(f"--out {out} ends in a slash, so it names a folder; give a file path "
                             f"such as {os.path.join(out, 'model.ckpt')}")
         check_default_folder(out)
-        check_writable_folder(out)
-        check_not_special(out, "--out")
+        check_output(out, "--out")  # the inputs below: the checkpoint may continue the one resumed
         check_not_special(self.metrics_path, "the metrics file")
+        check_not_special(self.lock_path, "the lock file")
         if os.path.islink(self.metrics_path):
             raise UserError(f"the metrics file {self.metrics_path} is a symbolic link; writing would "
                             "change the file it points to, so remove the link or choose another --out")
@@ -218,11 +257,16 @@ class RunOutputs:
     def _lock(self):
         """An exclusive flock on <stem>.run.lock, held until release(); UserError if another run has it."""
         while True:
-            try:
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            try:  # O_NONBLOCK: a FIFO put there opens at once (and is refused below), never waits
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                             | os.O_NONBLOCK, 0o644)
             except OSError as e:
                 raise UserError(f"cannot create the lock file {self.lock_path} ({e.strerror}); "
                                 "remove it or choose another --out") from e
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # the file opened, not the name: no race
+                os.close(fd)
+                raise UserError(f"the lock file {self.lock_path} is not a regular file (a device, FIFO "
+                                "or socket); move it away or choose another --out")
             holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
             if holder and not holder.isdigit():  # someone's own file of that name: not ours to rewrite
                 os.close(fd)
@@ -287,8 +331,33 @@ class RunOutputs:
                             f"stopping at step {record['step']} (the last checkpoint at {self.out}, "
                             "if any, is kept)") from e
 
+    def logged(self, step):
+        """True when the metrics file this run appends to already holds an evaluation at step:
+        the resumed run made it after saving its checkpoint at step, then went on and stopped.
+        Read a line at a time, each at most METRICS_LINE bytes (a longer one is no record of ours)."""
+        if self.metrics is None or self.new_metrics:
+            return False
+        try:
+            with open(os.open(self.metrics_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
+                for line in iter(lambda: f.readline(METRICS_LINE), b""):
+                    try:
+                        record = json.loads(line)
+                    except (ValueError, RecursionError):
+                        continue
+                    if isinstance(record, dict) and type(record.get("step")) is int and record["step"] == step:
+                        return True
+        except OSError:  # unreadable: evaluate again, as if it were not there
+            return False
+        return False
+
+    def wrote_checkpoint(self):
+        """This run's checkpoint is at out: its metrics describe a file that exists, so release() keeps them."""
+        self.saved = True
+
     def release(self):
-        """Close the metrics file, remove our lock file and unlock; remove folders claim() made if empty."""
+        """Close the metrics file, remove our lock file and unlock; remove folders claim() made if empty.
+        A new metrics file goes too when the run wrote no checkpoint (it blew up, or failed, before its
+        first save): "nothing was saved" leaves nothing that would refuse the run made again."""
         if self.metrics is not None:
             metrics, self.metrics = self.metrics, None
             try:
@@ -296,7 +365,7 @@ class RunOutputs:
                 metrics.close()
             except OSError:  # a full disk at the last flush: log() has reported it already
                 empty = False
-            if empty and self.new_metrics:  # stopped before its first evaluation: leave nothing
+            if (empty or not self.saved) and self.new_metrics:  # no evaluation, or no checkpoint: leave nothing
                 try:
                     os.remove(self.metrics_path)
                 except OSError:

@@ -15,7 +15,7 @@ import os
 import sys
 
 from .errors import OneLineParser, UserError, run_command
-from .outputs import check_not_special, replacing, same_file
+from .outputs import check_png_output, replacing, same_file
 from .validate import is_real, read_file
 
 METRICS_BYTES_PER_BYTE = 40  # a 60-byte JSON line becomes a dict of a few floats: about 1 kB
@@ -107,17 +107,7 @@ def check_out(out, metrics):
     if same_file(out, metrics):
         raise UserError(f"--out {out} is the metrics file itself; choose another path such as "
                         f"{default_out(metrics)}")
-    check_not_special(out, "--out")
-    if os.path.exists(out):
-        try:
-            with open(out, "rb") as f:
-                is_png = f.read(8) == b"\x89PNG\r\n\x1a\n"
-        except OSError as e:
-            raise UserError(f"cannot read {out} ({e.strerror}) to check that it is an earlier plot; "
-                            "choose another --out") from e
-        if not is_png:
-            raise UserError(f"--out {out} exists and is not a PNG; plotting would replace it, "
-                            "so choose another path")
+    check_png_output(out, "--out", doing="plotting")
 
 
 def default_out(metrics_path):

@@ -9,6 +9,7 @@ import base64
 import functools
 import gzip
 import hashlib
+import itertools
 import os
 import zlib
 
@@ -32,6 +33,7 @@ SPECIAL_TOKENS = {
     "<|fim_suffix|>": 100260,
     "<|endofprompt|>": 100276,
 }
+ORDINARY_IDS = 100256  # ranks 0 .. 100255: every id encode_ordinary can give; 100256 and 100261-100275 have no text
 
 
 def _read_vocab(path):
@@ -66,8 +68,21 @@ def get_tokenizer() -> tiktoken.Encoding:
     )
 
 
+def decode(tokenizer, ids):
+    """The text of ids; an id without text in cl100k_base (a model with a larger output layer
+    can pick one) becomes U+FFFD, the character that stands for bytes that are not text."""
+    def has_text(i):
+        return 0 <= i < ORDINARY_IDS or i in SPECIAL_TOKENS.values()
+    pieces = [tokenizer.decode_bytes(list(run)) if known else "\ufffd".encode() * len(list(run))
+              for known, run in itertools.groupby(map(int, ids), key=has_text)]
+    return b"".join(pieces).decode("utf-8", errors="replace")  # as tokenizer.decode does
+
+
 def encode_prompt(prompt, tokenizer, vocab, vocab_size):
     """The prompt's ids in the model's numbering; UserError if a token lies outside the vocabulary."""
+    # Under a C locale Python reads the command line's bytes as ASCII, each other byte escaped
+    # (U+DC80..U+DCFF): give them back and read them as UTF-8 (anything else becomes U+FFFD).
+    prompt = prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     ids = np.asarray(tokenizer.encode_ordinary(prompt), dtype=np.int64)
     if len(ids) == 0:
         raise UserError("--prompt is empty; give at least one character of text.")

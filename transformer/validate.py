@@ -6,6 +6,7 @@
     model_bytes / training_bytes / generation_bytes
                                    memory estimates, computed from the settings alone
     check_memory(need, what, fix)  refuse an estimate above what this machine has
+    check_device_memory(...)       the same against the GPU's free memory (--backend cupy)
 
 Every refusal is a UserError (a CheckpointError for checkpoints): one sentence, which the
 scripts print as `error: ...` and exit 2.  Nothing here allocates more than the numbers it checks.
@@ -17,11 +18,14 @@ import stat
 import numpy as np
 
 from .errors import CheckpointError, UserError
+from .tokenizer import ORDINARY_IDS
 
 MEMORY_LIMIT_ENV = "NANOGRAD_MEMORY_LIMIT"  # bytes; caps the budget below the machine's (tests, shared hosts)
 TOKENIZER_IDS = 100277  # cl100k_base: ranks 0..100255 and special tokens up to 100276
 FLOATS = ("float32", "float64")
 MAX_SEED = 2**64  # seeds are NumPy SeedSequence entropy: 0 <= seed < 2**64
+JSON_BYTES_PER_BYTE = 40  # Python objects parsed from one byte of JSON, at worst ("{}," is a 64-byte dict)
+MAX_NDIM = 32  # a checkpoint's tensors: NumPy allows 64; no tensor of a model has more than a few
 
 
 # ---- memory ------------------------------------------------------------------------------
@@ -62,6 +66,22 @@ def check_memory(need, what, fix, error=UserError):
     if need > budget:
         raise error(f"{what} about {size_text(need)} of memory but this machine has "
                     f"{size_text(budget)} available; {fix}")
+
+
+def device_memory_budget():
+    """Bytes CuPy's current GPU can still give: its free memory plus what CuPy's pool holds
+    unused ($NANOGRAD_MEMORY_LIMIT caps the host's budget only).  Only called on --backend
+    cupy, once get_backend("cupy") has found the device."""
+    from nanograd import backend
+    free, _total = backend.cupy.cuda.runtime.memGetInfo()
+    return free + backend.cupy.get_default_memory_pool().free_bytes()
+
+
+def check_device_memory(need, what, fix, error=UserError):
+    """check_memory against the GPU: '<what> about N of GPU memory but the GPU has M free; <fix>'."""
+    budget = device_memory_budget()
+    if need > budget:
+        raise error(f"{what} about {size_text(need)} of GPU memory but the GPU has {size_text(budget)} free; {fix}")
 
 
 def parameter_count(h):
@@ -107,19 +127,56 @@ def generation_bytes(h, itemsize, prompt_tokens, new_tokens):
     return kv + window + V * 8 * 4 + (prompt_tokens + new_tokens) * 8 * 2
 
 
-def check_training_memory(h, dtype, batch_size, accum_steps=1):
-    """UserError, with the estimate, unless a training run with these settings fits in memory."""
-    check_memory(training_bytes(h, np.dtype(dtype).itemsize, batch_size, accum_steps),
-                 f"training with d_model {h['d_model']}, num_blocks {h['num_blocks']}, context_length "
-                 f"{h['context_length']}, batch_size {batch_size} and a vocabulary of {h['max_token_value']} needs",
-                 "lower --batch-size, --context-length, --d-model or --num-blocks")
+PIXEL_BYTES = 32  # matplotlib's Agg holds about this much per pixel while it draws and saves a figure
 
 
-def check_generation_memory(h, dtype, prompt_tokens, new_tokens):
-    """UserError, with the estimate, unless generating new_tokens after the prompt fits in memory."""
-    check_memory(generation_bytes(h, np.dtype(dtype).itemsize, prompt_tokens, new_tokens),
-                 f"generating {new_tokens} tokens with context_length {h['context_length']} needs",
-                 "lower --max-new-tokens or use a machine with more memory")
+def inspect_bytes(h, itemsize, tokens, pixels):
+    """Bytes of drawing attention maps: the model, one forward of `tokens` positions with the
+    caches it keeps, every head's (T, T) map on the host, and the largest image of `pixels`."""
+    C, NB, NH, V = h["d_model"], h["num_blocks"], h["num_heads"], h["max_token_value"]
+    T = tokens
+    forward = (NB * (T * 24 * C + 2 * NH * T * T) + 2 * T * V) * itemsize  # blocks' caches; logits, a temporary
+    return model_bytes(h, itemsize) + forward + NB * NH * T * T * 8 + PIXEL_BYTES * int(pixels)
+
+
+def check_inspect_memory(h, dtype, tokens, pixels):
+    """UserError, with the estimate, unless drawing the maps of `tokens` positions fits in memory."""
+    check_memory(inspect_bytes(h, np.dtype(dtype).itemsize, tokens, pixels),
+                 f"drawing the attention maps of {tokens} tokens (num_blocks {h['num_blocks']}, num_heads "
+                 f"{h['num_heads']}, images of up to {pixels / 1e6:.1f} million pixels) needs",
+                 "shorten --prompt or use a machine with more memory")
+
+
+def check_training_memory(h, dtype, batch_size, accum_steps=1, backend="numpy"):
+    """UserError, with the estimate, unless a training run with these settings fits in memory.
+
+    h["max_token_value"] None: the vocabulary is not known yet (the data is still unread), so
+    the estimate is a lower bound, made with a vocabulary of one token, and says "at least".
+    On CuPy the run lives in the GPU's memory, checked against what the device has free
+    (training_bytes also counts the host's float64 copy made while building the model: a
+    small overestimate), and the host need only hold the model while it is built."""
+    V = h["max_token_value"]
+    h = {**h, "max_token_value": V or 1}
+    itemsize = np.dtype(dtype).itemsize
+    need = training_bytes(h, itemsize, batch_size, accum_steps)
+    vocabulary = f"a vocabulary of {V:,} needs" if V is not None else "any vocabulary needs at least"
+    what = (f"training with d_model {h['d_model']}, num_blocks {h['num_blocks']}, context_length "
+            f"{h['context_length']}, batch_size {batch_size} and {vocabulary}")
+    fix = "lower --batch-size, --context-length, --d-model or --num-blocks"
+    if backend == "cupy":
+        check_memory(model_bytes(h, itemsize), what, fix)
+        check_device_memory(need, what, fix)
+    else:
+        check_memory(need, what, fix)
+
+
+def check_generation_memory(h, dtype, prompt_tokens, new_tokens, backend="numpy"):
+    """UserError, with the estimate, unless generating new_tokens after the prompt fits in memory
+    (on CuPy, in the GPU's free memory: the model is already there)."""
+    check = check_device_memory if backend == "cupy" else check_memory
+    check(generation_bytes(h, np.dtype(dtype).itemsize, prompt_tokens, new_tokens),
+          f"generating {new_tokens} tokens with context_length {h['context_length']} needs",
+          "lower --max-new-tokens or use a machine with more memory")
 
 
 # ---- files -------------------------------------------------------------------------------
@@ -128,24 +185,32 @@ _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character de
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
 
 
-def read_file(path, what, error=UserError, per_byte=2):
-    """The bytes of the regular file at path, `error` if it is a pipe, a device or too big.
-
-    Opened without blocking (a FIFO would otherwise wait for a writer forever), checked
-    with fstat on the open file, and read only up to the size it had then: /dev/zero and
-    a file that grows are never read without end.  per_byte: bytes of memory that
-    handling one byte of the file takes (the read itself and what is built from it).
-    OSError (missing, no permission) is left to the caller, who words it for its file.
-    """
+def open_regular(path, what, error=UserError):
+    """The file at path opened for reading, `error` if it is a pipe, a device or a directory.
+    Opened without blocking (a FIFO would otherwise wait for a writer forever) and checked
+    with fstat on the open file.  OSError (missing, no permission) is left to the caller."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            kind = next((name for test, name in _KINDS if test(info.st_mode)), "not a regular file")
-            raise error(f"{what} {path} is {kind}, not a regular file; pass the path of a file")
-        check_memory(info.st_size * per_byte, f"reading {what} {path} ({size_text(info.st_size)}) needs",
+    f = os.fdopen(fd, "rb")
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        f.close()
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise error(f"{what} {path} is {kind}, not a regular file; pass the path of a file")
+    return f
+
+
+def read_file(path, what, error=UserError, per_byte=2):
+    """The bytes of the regular file at path (open_regular), `error` if it is too big.
+
+    Read only up to the size it had when opened: /dev/zero and a file that grows are never
+    read without end.  per_byte: bytes of memory that handling one byte of the file takes
+    (the read itself and what is built from it).
+    """
+    with open_regular(path, what, error) as f:
+        size = os.fstat(f.fileno()).st_size
+        check_memory(size * per_byte, f"reading {what} {path} ({size_text(size)}) needs",
                      "pass a smaller file or use a machine with more memory", error)
-        return f.read(info.st_size)
+        return f.read(size)
 
 
 # ---- settings ----------------------------------------------------------------------------
@@ -191,6 +256,9 @@ RUN_RULES = {
     "data_sha256": (lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
                     "64 hexadecimal digits"),
     "converted_from": (lambda v: isinstance(v, str), "a path"),
+    "keep": (lambda v: v in ("last", "best"), "last or best"),
+    "time_s": _NON_NEGATIVE_REAL,  # seconds the run had trained when it saved: its metrics' time_s go on from it
+    "best_valid_loss": _NON_NEGATIVE_REAL,  # --keep best: the validation loss of the evaluation saved
 }
 REQUIRED_H_PARAMS = ("d_model", "num_blocks", "num_heads", "context_length", "max_token_value")
 
@@ -233,13 +301,22 @@ def check_seed(seed, flag="--seed"):
 
 # ---- checkpoints ---------------------------------------------------------------------------
 
+MOMENT_LABELS = {"adamw.exp_avg.": "AdamW's first moment of", "adamw.exp_avg_sq.": "AdamW's second moment of"}
+TOKENIZER = "cl100k_base"
+
+
+def mask_names(h):
+    """The book's causal-mask buffers for h_params: one (T, T) per head per block."""
+    return [f"transformer_blocks.{i}.mha.heads.{j}.mask" for i in range(h["num_blocks"]) for j in range(h["num_heads"])]
+
+
 def _expected_names(meta, tensors, path):
     """parameter name -> shape of meta's h_params, once their count is known to be in the file
     and the model they make is known to fit in memory."""
     from .model import parameter_shapes  # model imports this module
     h = meta["h_params"]
     count = parameter_tensor_count(h)
-    have = sum(name.startswith("params/") for name in tensors)
+    have = sum(not name.startswith("adamw.") and not name.endswith(".mask") for name in tensors)
     if count > len(tensors):  # listing them would cost more than the file holds: refuse by count
         raise CheckpointError(f"checkpoint {path} holds {have} parameter tensors but its h_params "
                               f"describe {count}; it does not match its own h_params")
@@ -309,16 +386,37 @@ def _check_run(path, run, meta, has_vocab):
 
 def _check_vocab(path, vocab, size):
     """CheckpointError unless vocab maps the model's ids 0..size-1 to cl100k ids, sorted and distinct."""
-    where = f"checkpoint {path}'s vocab tensor"
-    if vocab.ndim != 1 or vocab.dtype.kind not in "iu":
-        raise CheckpointError(f"{where} must be a 1-D array of token ids, got {vocab.ndim}-D "
-                              f"{vocab.dtype}; the file was edited or damaged")
+    where = f"checkpoint {path}'s vocab"
+    if not isinstance(vocab, list) or not all(map(is_int, vocab)):
+        raise CheckpointError(f"{where} must be a list of token ids, got {short(vocab)}; "
+                              "the file was edited or damaged")
     if len(vocab) != size:
         raise CheckpointError(f"{where} holds {len(vocab)} ids but the model has {size}; "
                               "the file was edited or damaged")
-    if vocab.min() < 0 or vocab.max() >= TOKENIZER_IDS or (np.diff(vocab) <= 0).any():
-        raise CheckpointError(f"{where} must hold distinct ids in [0, {TOKENIZER_IDS}) in increasing "
-                              "order; the file was edited or damaged")
+    if not all(0 <= i < ORDINARY_IDS for i in vocab) or any(a >= b for a, b in zip(vocab, vocab[1:])):
+        raise CheckpointError(f"{where} must hold distinct ids of text tokens, in [0, {ORDINARY_IDS}), in "
+                              "increasing order; the file was edited or damaged")
+
+
+def _check_masks(path, tensors, h, dtype):
+    """CheckpointError unless the causal masks are all there and tril(ones(T, T)), or all absent
+    (a checkpoint of the first format holds none)."""
+    names = mask_names(h)
+    present = [name for name in names if name in tensors]
+    if not present:
+        return
+    if len(present) != len(names):
+        missing = next(name for name in names if name not in tensors)
+        raise CheckpointError(f"checkpoint {path} lacks the causal mask {missing} but holds others; "
+                              "the file was edited or damaged")
+    T = h["context_length"]
+    for name in names:
+        _check_array(path, name, tensors[name], (T, T), dtype)  # its shape first: tril below is no bigger
+    tril = np.tril(np.ones((T, T), dtype=dtype))  # (T, T)
+    for name in names:
+        if not np.array_equal(tensors[name], tril):
+            raise CheckpointError(f"checkpoint {path}'s tensor {name} is not the causal mask "
+                                  "tril(ones(T, T)); the file was edited or damaged")
 
 
 def check_state(tensors, meta, path, format_name):
@@ -344,26 +442,31 @@ def check_state(tensors, meta, path, format_name):
     adamw = meta.setdefault("adamw", None)
     if adamw is not None:
         _check_adamw(path, adamw, step)
-    _check_run(path, meta.setdefault("run", {}), meta, "vocab" in tensors)
-    if "vocab" not in tensors and h["max_token_value"] > TOKENIZER_IDS:
+    vocab = meta.setdefault("vocab", None)
+    if meta.setdefault("tokenizer", TOKENIZER) != TOKENIZER:
+        raise CheckpointError(f"checkpoint {path} was made for the tokenizer {short(meta['tokenizer'])}; "
+                              f"this code has only {TOKENIZER}")
+    _check_run(path, meta.setdefault("run", {}), meta, vocab is not None)
+    if vocab is None and h["max_token_value"] > TOKENIZER_IDS:
         raise CheckpointError(f"checkpoint {path} has max_token_value {h['max_token_value']} but the "
                               f"tokenizer has only {TOKENIZER_IDS} ids; the file was edited or damaged")
     shapes = _expected_names(meta, tensors, path)  # counted first: a crafted num_blocks lists nothing
-    moments = ("adamw/m/", "adamw/v/") if adamw is not None else ()
-    expected = {f"params/{n}" for n in shapes} | {f"{m}{n}" for m in moments for n in shapes} | {"vocab"}
+    moments = tuple(MOMENT_LABELS) if adamw is not None else ()
+    expected = {*shapes, *(m + n for m in moments for n in shapes)}
+    masks = set(mask_names(h))  # listed only now: num_blocks and num_heads are known to fit the file
     for name in tensors:
-        if name not in expected:
+        if name not in expected and name not in masks:
             raise CheckpointError(f"checkpoint {path} holds an unexpected tensor {short(name)}; "
                                   "it does not match its own h_params and optimizer entries")
     for name, shape in shapes.items():
-        for prefix in ("params/", *moments):
+        for prefix in ("", *moments):
             stored = tensors.get(prefix + name)
             if stored is None:
-                label = {"params/": "parameter", "adamw/m/": "AdamW's first moment of",
-                         "adamw/v/": "AdamW's second moment of"}[prefix]
+                label = MOMENT_LABELS.get(prefix, "parameter")
                 raise CheckpointError(f"checkpoint {path} lacks {label} {name} of shape {tuple(shape)}; "
                                       "it does not match its own h_params")
             _check_array(path, prefix + name, stored, shape, np.dtype(dtype),
-                         non_negative=prefix == "adamw/v/")
-    if "vocab" in tensors:
-        _check_vocab(path, tensors["vocab"], h["max_token_value"])
+                         non_negative=prefix == "adamw.exp_avg_sq.")
+    _check_masks(path, tensors, h, np.dtype(dtype))
+    if vocab is not None:
+        _check_vocab(path, vocab, h["max_token_value"])

@@ -3,7 +3,7 @@
 Each function computes what its plain twin computes, with the same inputs,
 outputs and cache, in one or two kernel launches instead of a dozen passes
 over memory; tests/test_cuda_kernels.py proves every pair agrees.  The plain
-kernels never call these: FastModel (nanograd/fast/model.py) and FastAdamW
+kernels never call these: FastModel (transformer/fast_model.py, through nanograd/fast/kernels.py) and FastAdamW
 (nanograd/fast/adamw.py) do, on CuPy arrays, in place of
 
     nanograd.layernorm_forward / _backward       one block per row (+ column sums for dw, db)
@@ -26,10 +26,9 @@ import re
 
 import numpy as np
 
-from ..attention import AttentionCache, merge_heads, project_heads
+from .. import attention
 from ..backend import cupy
 from ..cross_entropy import CrossEntropyCache
-from ..dropout import dropout_backward, dropout_forward
 from ..ids import check_ids
 from ..layernorm import EPS, LayerNormCache
 
@@ -375,35 +374,13 @@ def causal_softmax_backward(datt, att):
 
 
 def attention_forward(x, Wq, Wk, Wv, dropout_p=0.0, rng=None, train=True):
-    """nanograd.attention.attention_forward with causal_softmax_forward above: (out, AttentionCache)."""
-    B, T, C = x.shape
-    NH, hs, _ = Wq.shape
-    q, k, v = project_heads(x, Wq), project_heads(x, Wk), project_heads(x, Wv)  # (B, NH, T, hs) each
-    preatt = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / hs ** 0.5)  # (B, NH, T, T)
-    att = causal_softmax_forward(preatt)  # (B, NH, T, T) one kernel
-    att_drop, dropout_cache = dropout_forward(att, dropout_p, rng, train)  # (B, NH, T, T)
-    out = merge_heads(att_drop @ v).reshape(B, T, NH * hs)  # (B, T, NH*hs)
-    return out, AttentionCache(x, Wq, Wk, Wv, q, k, v, att, dropout_cache)
+    """nanograd.attention_forward, the plain walk, with causal_softmax_forward above as its softmax."""
+    return attention.attention_forward(x, Wq, Wk, Wv, dropout_p, rng, train, softmax=causal_softmax_forward)
 
 
 def attention_backward(dout, cache):
-    """nanograd.attention.attention_backward with causal_softmax_backward above: (dx, dWq, dWk, dWv)."""
-    x, Wq, Wk, Wv, q, k, v, att, dropout_cache = cache
-    B, T, C = x.shape
-    NH, hs, _ = Wq.shape
-    scale = 1.0 / hs ** 0.5
-    dy = dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)  # (B, NH, T, hs)
-    att_drop = att if dropout_cache.keep is None else att * dropout_cache.keep  # (B, NH, T, T)
-    datt = dropout_backward(dy @ v.transpose(0, 1, 3, 2), dropout_cache)  # (B, NH, T, T)
-    dv = att_drop.transpose(0, 1, 3, 2) @ dy  # (B, NH, T, hs)
-    dpreatt = causal_softmax_backward(datt, att)  # (B, NH, T, T) one kernel
-    dq = (dpreatt @ k) * scale  # (B, NH, T, hs)
-    dk = (dpreatt.transpose(0, 1, 3, 2) @ q) * scale  # (B, NH, T, hs)
-    x_rows = x.reshape(B * T, C)  # (B*T, C)
-    rows = [merge_heads(d) for d in (dq, dk, dv)]  # (B*T, NH*hs) each
-    dWq, dWk, dWv = [(d.T @ x_rows).reshape(NH, hs, C) for d in rows]  # (NH, hs, C) each
-    dx = sum(d @ W.reshape(NH * hs, C) for d, W in zip(rows, (Wq, Wk, Wv)))  # (B*T, C)
-    return dx.reshape(B, T, C), dWq, dWk, dWv
+    """nanograd.attention_backward, the plain walk, with causal_softmax_backward above."""
+    return attention.attention_backward(dout, cache, softmax_backward=causal_softmax_backward)
 
 
 # ---- softmax cross-entropy ------------------------------------------------------------

@@ -41,7 +41,7 @@ the rows of W and b at the targets.  With s = r * dloss / N:
 
 On CuPy arrays (a GPU has no cache to keep a chunk in) it is the plain linear
 layer and the fused CUDA cross-entropy kernel (cuda_kernels.py).  BLAS must be single-threaded for the chunks' threads not to fight
-it for the cores: train.py sets OPENBLAS_NUM_THREADS=1 before NumPy loads.
+it for the cores: the fast path sets BLAS to one thread (threads.use_own_threads).
 """
 from typing import NamedTuple
 

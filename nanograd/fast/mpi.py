@@ -39,8 +39,8 @@ import traceback
 
 import numpy as np
 
-from nanograd.backend import BackendError, get_array_module
-from transformer.errors import UserError
+from ..backend import BackendError, get_array_module, to_host
+from ..errors import UserError
 
 # Seconds between a failing rank's last message and MPI_Abort: the launcher forwards each rank's
 # output through a pipe and stops when the job is aborted, so a traceback written just before
@@ -290,16 +290,11 @@ class NoOutputs:
     def log(self, record):
         pass
 
+    def logged(self, step):
+        return False  # rank 0 reads the metrics file; train.py shares its answer
+
     def release(self):
         pass
-
-
-def accum_per_rank(total, size):
-    """The micro-batches per rank of a resumed run whose step had `total` of them in all."""
-    if total % size:
-        raise UserError(f"the resumed run adds {total} micro-batches a step, which {size} ranks cannot share "
-                        "evenly; pass --grad-accum-steps k (per rank: a step then adds ranks x k)")
-    return total // size
 
 
 @contextlib.contextmanager
@@ -326,6 +321,19 @@ def abort_on_error(comm):
         print(f"rank {comm.rank} of {comm.size} failed:", file=sys.stderr)
         traceback.print_exc()
         comm.abort(1)
+
+
+def start_data_parallel(comm, model, s, args, start, data_sha):
+    """Collective, once every rank has set up the run: all ranks have the same settings, data and
+    weights, or all stop here (check_same).  Returns the run's GradientSync."""
+    comm.check_same({**s, "data": None, "data_sha256": data_sha, "parameters": model.num_params(),
+                     "start": start, "backend": args.backend, "reference": args.reference,
+                     "exact_reduce": args.exact_reduce,
+                     "weights": fingerprint(to_host(p) for p in model.params.values())})
+    k = s["grad_accum_steps"]
+    print(f"Data parallel: {comm.size} ranks, each {k} micro-batch{'es' if k > 1 else ''} a step"
+          f"{', gradients added in rank order' if args.exact_reduce else ''}")
+    return GradientSync(comm, model.params, k, args.exact_reduce)
 
 
 class GradientSync:

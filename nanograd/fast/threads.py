@@ -48,3 +48,12 @@ def split_range(n, parts, multiple=1):
     size = max(1, -(-n // parts))  # ceil, and at least 1 (n may be 0)
     size = -(-size // multiple) * multiple
     return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def use_own_threads():
+    """BLAS on one thread from now on, in this process: the fast path splits its big kernels over
+    the cores itself (parallel above), and a BLAS that also ran a thread per core would fight it
+    for them (its idle threads spin).  The plain path never calls this, so it runs as any NumPy
+    program does.  threadpoolctl finds whichever BLAS NumPy loaded (OpenBLAS, MKL, BLIS)."""
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(1, user_api="blas")

@@ -1,4 +1,4 @@
-"""Tests for nanograd/counter_rng.py: the hash generator make_rng hands to CuPy code."""
+"""Tests for nanograd/fast/counter_rng.py: the hash generator make_rng hands to CuPy code."""
 import types
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 
 from nanograd import backend
 from nanograd.backend import make_rng, to_host
-from nanograd.counter_rng import GOLDEN, M1, M2, MASK, THREADS, CounterRNG, mix
+from nanograd.fast.counter_rng import GOLDEN, M1, M2, MASK, THREADS, CounterRNG, mix
 from nanograd.dropout import dropout_forward
 
 
