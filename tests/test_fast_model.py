@@ -43,7 +43,8 @@ def test_fast_model_equals_model_with_dropout(monkeypatch, vchunk):
 def test_without_targets_it_is_models_forward():
     plain, fast = Model(H, dtype="float64", seed=4).eval(), FastModel(H, dtype="float64", seed=4).eval()
     x, _ = batch(1)
-    np.testing.assert_array_equal(fast(x)[0], plain(x)[0])
+    # the blocks' threaded kernels (cpu_kernels.py) sum in another order: equal to rounding
+    np.testing.assert_allclose(fast(x)[0], plain(x)[0], rtol=RTOL, atol=ATOL)
     assert fast(x)[1] is None
 
 
