@@ -18,24 +18,10 @@ from transformer.convert import main as convert_main
 from transformer.state import build_model, load_state, restore_optimizer
 from transformer.errors import CheckpointError, UserError
 
+from test_checkpoint import sample_tensors  # several dtypes and shapes, 0-d and empty among them
+
 H = dict(d_model=16, num_blocks=1, num_heads=2, context_length=8, dropout=0.0, max_token_value=50)
 META = {"step": 7, "config": {"d_model": 16, "name": "tiny"}, "loss": 2.5, "note": "变换器"}
-
-
-def sample_tensors():
-    """Several dtypes and shapes, including 0-d and empty."""
-    rng = np.random.default_rng(0)
-    return {
-        "wte": rng.standard_normal((5, 3)).astype(np.float32),
-        "w64": rng.standard_normal((2, 3, 4)),
-        "steps": np.array(12345678901, dtype=np.int64),  # 0-d
-        "ids": rng.integers(-100, 100, size=7).astype(np.int32),
-        "empty": np.zeros((0, 4), dtype=np.float32),
-        "mask": np.array([True, False, True]),
-        "half": np.arange(4, dtype=np.float16),
-        "strided": rng.standard_normal((4, 6))[:, ::2],  # not C-contiguous
-        "big_endian": np.arange(3, dtype=">f8"),
-    }
 
 
 def assemble(header, data=b"", version=legacy.VERSION):
