@@ -188,6 +188,25 @@ def run_configs(cp, torch, names, args, lines, sync):
     return checks, failures
 
 
+def cupy_and_cuda_torch():
+    """(cupy, torch) with TF32 off on both sides, ready to compare on the GPU; or (None, None)
+    after one line on stderr saying which of the two cannot run here."""
+    from nanograd.backend import BackendError, get_backend
+    try:
+        cp = get_backend("cupy")
+    except BackendError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None, None
+    import torch
+    if not torch.cuda.is_available():
+        print("error: torch sees no CUDA device; the comparison needs PyTorch built with CUDA.", file=sys.stderr)
+        return None, None
+    torch.backends.cuda.matmul.allow_tf32 = False  # (CuPy's TF32 is off unless CUPY_TF32 is set)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    return cp, torch
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="book,large", help="comma-separated: " + ", ".join(CONFIGS))
@@ -201,19 +220,9 @@ def main(argv=None):
         print(f"error: unknown config {unknown[0]!r}; choose from {', '.join(CONFIGS)}.", file=sys.stderr)
         return 2
 
-    from nanograd.backend import BackendError, get_backend
-    try:
-        cp = get_backend("cupy")
-    except BackendError as e:
-        print(f"error: {e}", file=sys.stderr)
+    cp, torch = cupy_and_cuda_torch()
+    if cp is None:
         return 2
-    import torch
-    if not torch.cuda.is_available():
-        print("error: torch sees no CUDA device; the comparison needs PyTorch built with CUDA.", file=sys.stderr)
-        return 2
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
 
     def sync():
         cp.cuda.runtime.deviceSynchronize()  # the whole device: CuPy's and torch's streams alike

@@ -49,8 +49,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from benchmarks.bench_cpu import BOOK, VOCAB  # noqa: E402
+from benchmarks.bench_gpu import cupy_and_cuda_torch  # noqa: E402
 from nanograd import AdamW  # noqa: E402
-from nanograd.backend import BackendError, get_backend, to_host  # noqa: E402
+from nanograd.backend import to_host  # noqa: E402
 from nanograd.fast import FastAdamW  # noqa: E402
 from transformer.fast_model import FastModel  # noqa: E402
 from transformer import Model, book_torch  # noqa: E402
@@ -174,22 +175,14 @@ def main(argv=None):
                         help="NumPy against torch on the CPU: the same comparison on a machine without a GPU")
     parser.add_argument("--out", help="write every tensor's row here (markdown)")
     args = parser.parse_args(argv)
-    import torch
     if args.stand_in:
+        import torch
         backend, device = "numpy", "cpu"
     else:
         backend, device = "cupy", "cuda"
-        try:
-            get_backend("cupy")
-        except BackendError as e:
-            print(f"error: {e}", file=sys.stderr)
+        if cupy_and_cuda_torch()[0] is None:
             return 2
-        if not torch.cuda.is_available():
-            print("error: torch sees no CUDA device; the comparison needs PyTorch built with CUDA.", file=sys.stderr)
-            return 2
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
+        import torch  # (made ready, TF32 off, by cupy_and_cuda_torch)
     h = CONFIGS[args.config]
     title = (f"One training step, {backend} against torch on {device}: config {args.config} (B={h['batch_size']} "
              f"T={h['context_length']} C={h['d_model']} L={h['num_blocks']} H={h['num_heads']} "

@@ -7,7 +7,6 @@ position t attends to each earlier position (the upper triangle is the
 causal mask, always 0).  overview.png sets them all on one grid, a row per
 block and a column per head.  Needs matplotlib: pip install matplotlib.
 """
-import argparse
 import os
 import re
 import sys
