@@ -56,7 +56,9 @@ def batches(cfg, vocab, n, seed=0):
 
 def make_numpy(cfg, vocab):
     from nanograd.fast import FastAdamW
+    from nanograd.fast.memory import keep_freed_memory
     from transformer.fast_model import FastModel
+    keep_freed_memory()  # as train.py
     model = FastModel({**cfg, "max_token_value": vocab}, dtype="float32", seed=0)  # as train.py trains
     opt = FastAdamW(model.params, lr=1e-3)
     model.head_ready = opt.start  # as train.py: AdamW begins on the output layer mid-backward

@@ -29,6 +29,7 @@ sys.path.insert(0, REPO)
 from nanograd.backend import make_rng  # noqa: E402
 from nanograd.fast import FastAdamW  # noqa: E402
 from transformer.fast_model import FastModel
+from nanograd.fast.memory import keep_freed_memory  # noqa: E402
 from nanograd.fast.mpi import GradientSync, from_environment  # noqa: E402
 from nanograd.fast.threads import cpu_threads  # noqa: E402
 from transformer.data import default_corpus, get_batch, split, tokenize  # noqa: E402
@@ -50,6 +51,7 @@ def worker(args):
     ids = np.load(args.ids)
     train_data, _ = split(ids)
     h = dict(BOOK, max_token_value=int(ids.max()) + 1)
+    keep_freed_memory()  # as train.py
     model = FastModel(h, seed=h["seed"])  # what train.py trains by default
     optimizer = FastAdamW(model.params)
     B, T, seed, k = h["batch_size"], h["context_length"], h["seed"], args.accum

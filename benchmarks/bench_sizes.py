@@ -55,7 +55,9 @@ def child(impl, cfg, vocab, steps, warmup):
     data = batches(cfg, vocab, warmup + steps)
     if impl == "numpy":
         from nanograd.fast import FastAdamW
+        from nanograd.fast.memory import keep_freed_memory
         from transformer.fast_model import FastModel
+        keep_freed_memory()  # as train.py
         model = FastModel({**cfg, "max_token_value": vocab}, dtype="float32", seed=0)
         opt = FastAdamW(model.params, lr=1e-3)
         model.head_ready = opt.start  # as train.py

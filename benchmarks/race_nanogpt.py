@@ -84,6 +84,7 @@ def main(argv=None):
     t_start = time.perf_counter()
     from nanograd.clip import clip_grad_norm
     from nanograd.fast import FastAdamW
+    from nanograd.fast.memory import keep_freed_memory
     from transformer.fast_model import FastModel
     from transformer.data import get_batch
 
@@ -92,6 +93,7 @@ def main(argv=None):
     n = int(len(ids) * 0.9)
     splits = {"train": ids[:n], "val": ids[n:]}
     B, T = args.batch_size, args.context_length
+    keep_freed_memory()  # as train.py
     model = FastModel(dict(d_model=args.d_model, num_blocks=args.num_blocks, num_heads=args.num_heads,
                            context_length=T, dropout=0.0, max_token_value=len(chars)), seed=args.seed)
     opt = FastAdamW(model.params, lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay)

@@ -27,7 +27,7 @@ PLAIN_KERNELS = SimpleNamespace(
     linear_forward=linear_forward, linear_backward=linear_backward,
     relu_forward=relu_forward, relu_backward=relu_backward,
     dropout_forward=dropout_forward, dropout_backward=dropout_backward,
-)
+)  # and blocks_forward, blocks_backward: the walk through every block, below
 
 
 class BlockParams(NamedTuple):
@@ -108,3 +108,23 @@ def block_backward(dout, cache):
     dx += dx1  # plus its direct path to x1
     return dx, BlockParams(dln1_w, dln1_b, dWq, dWk, dWv, dproj_W, dproj_b,
                            dln2_w, dln2_b, dfc1_W, dfc1_b, dfc2_W, dfc2_b)
+
+
+def blocks_forward(x, blocks, dropout_p=0.0, rng=None, train=True, kernels=PLAIN_KERNELS):
+    """x (B, T, C) through every block in turn -> out (B, T, C), a BlockCache per block."""
+    caches = []
+    for blk in blocks:
+        x, cache = block_forward(x, blk, dropout_p, rng, train, kernels)  # (B, T, C)
+        caches.append(cache)
+    return x, caches
+
+
+def blocks_backward(dout, caches):
+    """dout (B, T, C) back through the blocks, last to first -> dx (B, T, C), a BlockParams of gradients per block."""
+    dblocks = [None] * len(caches)
+    for i in reversed(range(len(caches))):
+        dout, dblocks[i] = block_backward(dout, caches[i])  # (B, T, C), BlockParams
+    return dout, dblocks
+
+
+PLAIN_KERNELS.blocks_forward, PLAIN_KERNELS.blocks_backward = blocks_forward, blocks_backward

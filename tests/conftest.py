@@ -4,9 +4,15 @@ torch is the oracle and a hard requirement of the tests: it is imported
 directly, so a missing torch fails the run instead of skipping it.
 """
 import os
+import signal
 import subprocess
 import sys
 import time
+
+# Started as a background job (`pytest &` in a script), pytest has SIGINT ignored by the shell, and
+# every train.py a test launches would inherit that and ignore the test's Ctrl-C.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # CuPy reads CUPY_TF32 when it is imported; TF32 matmuls keep only 10 mantissa
 # bits and would make float32 results disagree with the oracle.

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from nanograd.backend import make_rng
-from nanograd.block import PLAIN_KERNELS, BlockParams, block_backward, block_forward
+from nanograd.block import PLAIN_KERNELS, BlockParams, block_backward, block_forward, blocks_backward, blocks_forward
 from nanograd.gradcheck import check_kernel
 
 B, T, C, NH = 2, 4, 8, 2
@@ -45,5 +45,27 @@ def test_the_block_calls_only_the_table_it_is_given():
     rng = np.random.default_rng(1)
     out, cache = block_forward(rng.standard_normal((B, T, C)), block_params(rng), kernels=table)
     block_backward(np.ones_like(out), cache)
-    assert sorted(set(calls)) == sorted(set(vars(PLAIN_KERNELS)) - {"embedding_forward", "embedding_backward"})
+    assert sorted(set(calls)) == sorted(set(vars(PLAIN_KERNELS)) - {"embedding_forward", "embedding_backward",
+                                                                   "blocks_forward", "blocks_backward"})
     assert calls.count("linear_forward") == 3 and calls.count("linear_backward") == 3
+
+
+def test_blocks_forward_and_backward_are_block_forward_and_backward_in_turn():
+    """The walk through a stack: each block's output feeds the next, and the backward runs last to first."""
+    rng = np.random.default_rng(2)
+    stack = [block_params(rng) for _ in range(3)]
+    x, dout = rng.standard_normal((B, T, C)), rng.standard_normal((B, T, C))
+    out, caches = blocks_forward(x, stack, 0.2, make_rng(np, 5), True)
+    dx, grads = blocks_backward(dout, caches)
+    rng_again, y, one_by_one = make_rng(np, 5), x, []
+    for blk in stack:
+        y, cache = block_forward(y, blk, 0.2, rng_again, True)
+        one_by_one.append(cache)
+    np.testing.assert_array_equal(out, y)
+    dy, expected = dout, [None] * len(stack)
+    for i in reversed(range(len(stack))):
+        dy, expected[i] = block_backward(dy, one_by_one[i])
+    np.testing.assert_array_equal(dx, dy)
+    for got, want in zip(grads, expected):
+        for name, g, w in zip(BlockParams._fields, got, want):
+            np.testing.assert_array_equal(g, w, err_msg=name)

@@ -163,3 +163,37 @@ def test_small_work_stays_on_the_calling_thread(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "submit", lambda tasks: submitted.append(len(tasks)) or real_submit(tasks))
     cpu_kernels.linear_forward(np.ones((4, 3, 5)), np.ones((2, 5)))
     assert submitted == [0]
+
+
+@given(st.integers(1, 40), st.integers(1, 7), st.integers(1, 9), st.sampled_from([np.float32, np.float64]),
+       st.integers(0, 2**31 - 1))
+def test_scatter_add_rows_is_add_at_to_the_last_bit(N, V, C, dtype, seed):
+    """The same additions in the same order: repeated ids, float32 included, give identical bits."""
+    rng = np.random.default_rng(seed)
+    idx, rows = rng.integers(0, V, N), rng.standard_normal((N, C)).astype(dtype)
+    start = rng.standard_normal((V, C)).astype(dtype)
+    fast, plain = start.copy(), start.copy()
+    cpu_kernels.scatter_add_rows(fast, idx, rows)
+    np.add.at(plain, idx, rows)
+    assert fast.tobytes() == plain.tobytes()
+
+
+def test_scatter_add_rows_into_a_strided_array_still_adds():
+    out = np.zeros((4, 6))[:, ::2]  # (4, 3), not contiguous: no flat view of it exists
+    cpu_kernels.scatter_add_rows(out, np.array([1, 1, 3]), np.ones((3, 3)))
+    np.testing.assert_array_equal(out, [[0, 0, 0], [2, 2, 2], [0, 0, 0], [1, 1, 1]])
+
+
+def test_threads_given_keeps_a_kernel_to_that_many_shares(monkeypatch):
+    """batch_split's shares call the kernels with threads=1: one share, on the calling thread."""
+    seen = []
+    real = cpu_kernels.parallel
+    monkeypatch.setattr(cpu_kernels, "parallel", lambda tasks: seen.append(len(tasks)) or real(tasks))
+    rng = np.random.default_rng(0)
+    x, W = rng.standard_normal((2, 6, 4)), rng.standard_normal((5, 4))
+    with cores(3):
+        _, cache = cpu_kernels.linear_forward(x, W, None, threads=1)
+        cpu_kernels.linear_backward(np.ones((2, 6, 5)), cache, threads=1)
+        cpu_kernels.layernorm_forward(x, np.ones(4), np.zeros(4), threads=1)
+        cpu_kernels.linear_forward(x, W, None)
+    assert seen == [1, 1, 1, 3]

@@ -9,7 +9,8 @@ the plain code it replaces:
            twins on CuPy (a LayerNorm or a softmax in one launch)
     Model.kernels.embedding_backward's fresh (V, C) zeros
         -> embedding_backward_into, zeroing a buffer kept between steps (30 MB in the book's
-           config: allocating it afresh cost more than the arithmetic on it)
+           config: allocating it afresh cost more than the arithmetic on it), its rows added
+           by cpu_kernels.scatter_add_rows
     Model.head_forward with targets: linear_forward + cross_entropy_forward of the output layer
         -> linear_cross_entropy_forward: chunked over the vocabulary on every CPU core,
            the (B*T, V) logits never kept (nanograd/fast/linear_cross_entropy.py)
@@ -27,7 +28,7 @@ tests/test_cuda_kernels.py).
 """
 import numpy as np
 
-from nanograd.backend import scatter_add
+from nanograd.fast.cpu_kernels import scatter_add_rows
 from nanograd.fast.kernels import kernel_table
 from nanograd.fast.linear_cross_entropy import linear_cross_entropy_backward, linear_cross_entropy_forward
 
@@ -60,7 +61,7 @@ class FastModel(Model):
         """nanograd.embedding_backward into a (V, C) buffer kept between steps, instead of fresh zeros."""
         dW = self.buffer("dembedding", cache.W_shape)  # (V, C)
         dW.fill(0)
-        scatter_add(dW, cache.idx.reshape(-1), dout.reshape(-1, dW.shape[1]))
+        scatter_add_rows(dW, cache.idx.reshape(-1), dout.reshape(-1, dW.shape[1]))
         return dW
 
     def head_forward(self, x, targets):

@@ -21,7 +21,7 @@ import numpy as np
 
 from nanograd import cross_entropy_backward, cross_entropy_forward
 from nanograd.backend import get_backend, make_rng
-from nanograd.block import PLAIN_KERNELS, block_backward, block_forward
+from nanograd.block import PLAIN_KERNELS
 
 from .errors import UserError
 from .params import HEAD_B, HEAD_W, EMBEDDING, bind_blocks, init_params, named_grads, parameter_shapes  # noqa: F401
@@ -83,10 +83,7 @@ class Model:
             raise ValueError(f"sequence length {T} exceeds context_length {self.context_length}")
         x, emb = k.embedding_forward(idx, self.embedding)  # (B, T, C)
         x = x + self.positions[:T]  # (B, T, C) the table is a constant: no gradient
-        blocks = []
-        for blk in self.blocks:
-            x, block = block_forward(x, blk, self.dropout, self.rng, self.training, k)  # (B, T, C)
-            blocks.append(block)
+        x, blocks = k.blocks_forward(x, self.blocks, self.dropout, self.rng, self.training, k)  # (B, T, C), BlockCaches
         x, ln_final = k.layernorm_forward(x, self.final_ln_w, self.final_ln_b)  # (B, T, C)
         logits, loss, head = self.head_forward(x, targets)  # (B, T, V), float or None
         self.cache = ForwardCache(emb, blocks, ln_final, head)
@@ -116,9 +113,7 @@ class Model:
             raise RuntimeError("backward() needs a forward with targets first")
         dx, dhead_W, dhead_b = self.head_backward(cache.head)  # (B, T, C), (V, C), (V,)
         dx, dfinal_ln_w, dfinal_ln_b = k.layernorm_backward(dx, cache.ln_final)  # (B, T, C)
-        dblocks = [None] * len(self.blocks)
-        for i in reversed(range(len(self.blocks))):
-            dx, dblocks[i] = block_backward(dx, cache.blocks[i])  # (B, T, C), BlockParams
+        dx, dblocks = k.blocks_backward(dx, cache.blocks)  # (B, T, C), a BlockParams per block
         # x = embedding[idx] + positions: the positions are constant, so only the embedding learns
         dembedding = k.embedding_backward(dx, cache.emb)  # (V, C)
         return named_grads(self.params, dembedding, dblocks, dfinal_ln_w, dfinal_ln_b, dhead_W, dhead_b,

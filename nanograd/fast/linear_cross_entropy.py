@@ -48,6 +48,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..backend import get_array_module, scatter_add
+from .cpu_kernels import scatter_add_rows
 from ..linear import linear_backward, linear_forward
 from . import cuda_kernels
 from .threads import cpu_threads, parallel, split_range
@@ -182,7 +183,7 @@ def linear_cross_entropy_backward(dloss, cache, dW_out=None):
     parallel([(_backward_chunks, x2 * scale[:, None], scale, W, cache.work, dW, db, dx_part, ranges)
               for dx_part, ranges in zip(dx_parts, shares)])
     dx = dx_parts.sum(axis=0) * scale[:, None]  # (N, C)
-    scatter_add(dW, targets, x2 * -dloss_over_N)  # minus the one-hot term: only the target rows
+    scatter_add_rows(dW, targets, x2 * -dloss_over_N)  # minus the one-hot term: only the target rows
     scatter_add(db, targets, np.full(N, -dloss_over_N, x.dtype))
     dx -= W[targets] * dloss_over_N
     return dx.reshape(x.shape), dW, db  # (..., C), (V, C), (V,)
