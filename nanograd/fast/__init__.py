@@ -10,7 +10,11 @@ bit, or to rounding where the order of a sum changes):
     threads.py  parallel, submit             (running the same work on one thread)     test_fast_threads.py
     kernels.py  kernel_table                 nanograd.block.PLAIN_KERNELS              test_fast_kernels.py
     cpu_kernels.py  (NumPy)                  linear, relu, layernorm, attention:       test_fast_cpu_kernels.py
-                                             the same, cut by rows over the cores
+                                             the same, cut by rows over the cores;
+                                             backend.scatter_add of rows
+    batch_split.py  (NumPy)                  nanograd.block.blocks_forward/_backward:  test_fast_batch_split.py
+                                             the same walk, a share of the batch per core
+    memory.py   keep_freed_memory            (glibc handing freed arrays back)         test_fast_memory.py
     linear_cross_entropy.py                  linear_forward + cross_entropy_forward    test_fast_linear_cross_entropy.py
                                              of the output layer, and their backwards
     adamw.py    FastAdamW                    nanograd.adamw.AdamW (adamw_update loop)  test_fast_adamw.py
