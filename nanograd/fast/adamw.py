@@ -26,7 +26,7 @@ import numpy as np
 from ..adamw import AdamW
 from ..backend import get_array_module
 from . import cuda_kernels
-from .threads import cpu_threads, submit
+from .threads import submit
 
 BLOCK = 1 << 16  # elements per block: p, m, v, g and scratch (5 x 256 KB) stay in L2 cache
 PART = 1 << 20   # elements per task handed to a CPU thread
@@ -138,9 +138,9 @@ class FastAdamW(AdamW):
         (the book's config) would cost more than the sums.  train.py stops a
         run whose norm is not finite.
 
-        On NumPy the parameters are cut into parts of at most PART elements
-        (fewer when that leaves a thread without a part, down to BLOCK), small
-        parameters grouped together, and the CPU threads update the parts at once (elementwise, so any cut gives the same numbers).
+        On NumPy the parameters are cut into parts of at most PART elements,
+        small parameters grouped together, and the CPU threads update the
+        parts at once (elementwise, so any cut gives the same numbers).
         Parameters whose update start() began are only waited for.
 
         On CuPy every parameter is updated by one launch, and no moment is
@@ -184,9 +184,7 @@ class FastAdamW(AdamW):
         for name, g in grads.items():
             arrays = (self.params[name], g, self.m[name], self.v[name])
             flat.append(([a.reshape(-1) for a in arrays], (self.lr, *self.betas, self.eps, self.decay(name), self.t)))
-        sizes = [arrays[0].size for arrays, _ in flat]
-        part = min(PART, max(BLOCK, -(-sum(sizes) // cpu_threads()))) if split else PART  # a part per thread at least
-        groups = element_groups(sizes, part)
+        groups = element_groups([arrays[0].size for arrays, _ in flat], PART)
         tasks = [[([a[start:stop] for a in flat[i][0]], flat[i][1]) for i, start, stop in group] for group in groups]
         if tasks and not split:
             tasks = [sum(tasks, [])]  # one task: the parts one after another
