@@ -246,11 +246,13 @@ def test_every_shipped_config_is_a_valid_run(name):
 
 def test_the_shakespeare_config_keeps_nanogpts_data_tokenizer_and_evaluation():
     """Issue 24: the config is ours to tune, but the race is run on nanoGPT's terms: its
-    characters, its evaluation of 20 batches per split every 250 steps."""
+    characters, and its evaluation every 250 steps of 240 random sequences of each split
+    (nanoGPT's 20 batches of 12), whatever our batch."""
     path = os.path.join(REPO, "configs", "shakespeare_char_cpu.toml")
     config = settings.read_config(path, {**train.BOOK_H_PARAMS, **settings.RUN_DEFAULTS,
                                          **settings.TOKENIZER_ADAMW_DEFAULTS})
-    assert config["tokenizer"] == "char" and config["eval_iters"] == 20 and config["eval_interval"] == 250
+    assert config["tokenizer"] == "char" and config["eval_interval"] == 250
+    assert config["eval_iters"] * config["batch_size"] == 20 * 12 and config["context_length"] == 64
     assert "data" not in config  # given on the command line: the project never ships or downloads it
 
 
