@@ -160,13 +160,14 @@ def main(argv=None):
             continue
         big = cfg["batch_size"] * cfg["context_length"] * vocab > 1e7
         steps = max(5, args.steps // 3) if big else args.steps
+        floor = floor_ms(cfg, vocab, bandwidth)  # before the children: measured after them, the char row's
+        # rate came out at one core's in three sweeps of 2026-12-05 (42.8 ms against 25.5 alone)
         times = {"numpy": [], "torch": [], "torch1": []}
         for _ in range(ROUNDS):
             for impl in times:
                 times[impl] += run_child(impl, cfg, vocab, steps, args.warmup)
         q = {impl: np.percentile(t, [25, 50, 75]) for impl, t in times.items()}
         ours, theirs, single = q["numpy"][1], q["torch"][1], q["torch1"][1]
-        floor = floor_ms(cfg, vocab, bandwidth)
         shape = (f"{cfg['batch_size']}, {cfg['context_length']}, {cfg['d_model']}, {cfg['num_blocks']}, "
                  f"{vocab:,}")
         row = (f"| {name} | {shape} | {ours:.1f} ({q['numpy'][0]:.1f}-{q['numpy'][2]:.1f}) "
