@@ -30,7 +30,7 @@ from .validate import check_h_params
 
 class ForwardCache(NamedTuple):
     emb: object       # EmbeddingCache
-    blocks: list      # a BlockCache per block
+    blocks: object    # blocks_forward's cache: a BlockCache per block (batch_split: a list per share)
     ln_final: object  # LayerNormCache
     head: object      # head_forward's cache
 
