@@ -28,7 +28,7 @@ sys.path.insert(0, REPO)
 
 from nanograd.backend import make_rng  # noqa: E402
 from nanograd.fast import FastAdamW  # noqa: E402
-from transformer.fast_model import FastModel
+from transformer.fast_model import FastModel  # noqa: E402
 from nanograd.fast.memory import keep_freed_memory  # noqa: E402
 from nanograd.fast.mpi import GradientSync, from_environment  # noqa: E402
 from nanograd.fast.threads import cpu_threads  # noqa: E402

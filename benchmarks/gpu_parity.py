@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from nanograd import AdamW  # noqa: E402
 from nanograd.backend import BackendError, get_backend, to_host  # noqa: E402
 from nanograd.fast import FastAdamW  # noqa: E402
-from transformer.fast_model import FastModel
+from transformer.fast_model import FastModel  # noqa: E402
 from transformer import Model  # noqa: E402
 
 # Scale-relative tolerances.  float32 rounds to 6e-8; a logit or gradient of the

@@ -26,7 +26,8 @@ def threads(monkeypatch):
     return set_threads
 
 
-@pytest.mark.parametrize("B, n, shares", [(2, 2, 2), (7, 3, 3), (6, 4, 3)], ids=["2-of-1", "7-over-3", "6-over-4"])
+@pytest.mark.parametrize("B, n, shares", [(2, 2, 2), (7, 3, 3), (6, 4, 3)],
+                         ids=["2-of-1", "7-over-3", "6-over-4"])
 @pytest.mark.parametrize("p", [0.0, 0.25], ids=["no-dropout", "dropout"])
 def test_split_walk_equals_the_plain_walk(threads, B, n, shares, p):
     """Outputs and dx to the last bit per row; the weights' gradients to rounding (summed over shares);

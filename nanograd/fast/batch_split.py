@@ -52,7 +52,7 @@ def one_core_kernels():
 def blocks_forward(x, blocks, dropout_p=0.0, rng=None, train=True, kernels=None):
     """nanograd.block.blocks_forward, each share of the batch on a thread of its own.
     kernels: the table for an uncut walk.  Cache: SplitBlocksCache, or the plain list."""
-    shares = batch_shares(len(x)) if isinstance(x, np.ndarray) else [(0, len(x))]
+    shares = batch_shares(len(x))
     if len(shares) < 2:
         return plain_blocks_forward(x, blocks, dropout_p, rng, train, kernels)
     draws = BatchDraws(rng, len(x))

@@ -8,7 +8,9 @@ Each kernel here computes the same function as its plain twin with the rows
 runs its share's operations one after another while they sit in cache, into
 arrays made once per call, with in-place NumPy operations instead of fresh
 temporaries.  Weight gradients, sums over every row, are either cut by output
-column or summed from one partial per thread.
+column or summed from one partial per thread.  Each kernel's threads= caps its
+shares: batch_split.py, which already gives each core a share of the batch,
+runs them with threads=1, on the calling thread alone.
 
     nanograd.linear.linear_forward / linear_backward
         -> linear_forward / linear_backward: rows of x @ W.T + b per thread;
@@ -129,7 +131,8 @@ def relu_forward(x, threads=None):
         return plain_relu.relu_forward(x)
     out = np.empty_like(x)  # (...)
     x_rows, out_rows = x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1])  # (N, D)
-    parallel([(_relu_rows, x_rows[s:e], out_rows[s:e]) for s, e in row_shares(len(x_rows), x.size, MIN_ELEMENTS, threads)])
+    parallel([(_relu_rows, x_rows[s:e], out_rows[s:e])
+              for s, e in row_shares(len(x_rows), x.size, MIN_ELEMENTS, threads)])
     return out, ReluCache(out)
 
 
